@@ -1,0 +1,1 @@
+"""Model loading, adapters, heads and log-prob helpers."""
