@@ -65,13 +65,33 @@ def tiny_tokenizer(vocab_size: int = 512):
 
 # Small shapes per architecture; the keys are transformers model_type names.
 _TINY_SHAPES = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "qwen2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
-    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=512, word_embed_proj_dim=64),
+    "opt": dict(
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        word_embed_proj_dim=64,
+    ),
     "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
 }
 
@@ -85,8 +105,12 @@ def tiny_config(model_type: str = "llama", tokenizer=None, **overrides):
     if model_type not in _TINY_SHAPES:
         raise ValueError(f"no tiny shape for {model_type!r}; known: {', '.join(_TINY_SHAPES)}")
     tok = tokenizer or tiny_tokenizer()
-    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-               bos_token_id=tok.bos_token_id)
+    ids = dict(
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     return AutoConfig.for_model(model_type, **{**_TINY_SHAPES[model_type], **ids, **overrides})
 
 

@@ -1,0 +1,136 @@
+"""The `chatforge` command: one subcommand per stage or tool, each a thin builder.
+
+    chatforge sft CONFIG.yaml [section.key=value ...]     supervised fine-tuning
+    chatforge sft --help                                  every config key, its type, default, help
+
+Start-up stays fast: this module imports neither torch nor transformers; each subcommand imports
+what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (one-line help, "module:function", config sections shown by --help or None for tools)
+STAGES = {
+    "sft": (
+        "supervised fine-tuning on chat or prompt/completion data",
+        "chatforge.train.sft:run",
+        ("model", "data", "peft", "train"),
+    ),
+    "pretrain": (
+        "train a small model from scratch on raw text (Chinchilla token budget)",
+        "chatforge.train.pretrain:run",
+        ("model", "data", "pretrain", "train"),
+    ),
+    "rm": (
+        "train a reward model on preference pairs",
+        "chatforge.train.reward:run",
+        ("model", "data", "peft", "train", "rm"),
+    ),
+    "dpo": (
+        "direct preference optimisation (DPO, IPO, hinge, SimPO) on preference pairs",
+        "chatforge.train.dpo:run",
+        ("model", "data", "peft", "train", "dpo"),
+    ),
+    "ppo": (
+        "RLHF with PPO: actor, critic, reference and reward",
+        "chatforge.train.ppo:run",
+        ("model", "data", "peft", "train", "generate", "ppo"),
+    ),
+    "grpo": (
+        "GRPO with rule-based and/or model rewards",
+        "chatforge.train.grpo:run",
+        ("model", "data", "peft", "train", "generate", "grpo"),
+    ),
+    "pipeline": (
+        "run several stages from one config (e.g. sft -> rm -> ppo)",
+        "chatforge.pipeline:run",
+        None,
+    ),
+}
+
+TOOLS = {
+    "merge": (
+        "fold a LoRA adapter into its base model: merge ADAPTER_DIR OUT_DIR",
+        "chatforge.tools:merge_main",
+    ),
+    "score": ("score (prompt, response) records with a reward model", "chatforge.tools:score_main"),
+    "eval": ("accuracy, reward and perplexity of a model", "chatforge.evaluate:main"),
+    "chat": ("chat with a model in the terminal", "chatforge.serve.chat:main"),
+    "serve": ("OpenAI-compatible HTTP server", "chatforge.serve.server:main"),
+    "data": (
+        "built-in task data: data make TASK OUT_DIR [--seed N] [--sizes sft=2000,eval=200]",
+        "chatforge.tools:data_main",
+    ),
+    "plan": ("memory and compute planning: what fits, how many tokens", "chatforge.tools:plan_main"),
+}
+
+
+def _load(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chatforge",
+        description="Train your own ChatGPT-style assistant cheaply: SFT -> reward model -> PPO, or DPO / GRPO.",
+        epilog="Run 'chatforge COMMAND --help' for a command's options.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (text, _, _) in STAGES.items():
+        sub.add_parser(name, help=text, add_help=False)
+    for name, (text, _) in TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def run_stage(name: str, argv: list[str]) -> int:
+    from chatforge.config import describe, load_config
+
+    text, target, sections = STAGES[name]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: chatforge {name} CONFIG.yaml [section.key=value ...]\n\n{text}\n")
+        print(describe(sections))
+        return 0
+    path, overrides = argv[0], argv[1:]
+    if "=" in path:  # no config file, only overrides
+        path, overrides = None, argv
+    cfg = load_config(path, overrides)
+    _load(target)(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from chatforge.errors import ChatforgeError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _parser().print_help()
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from chatforge import __version__
+
+        print(f"chatforge {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    try:
+        if name in STAGES:
+            return run_stage(name, rest)
+        if name in TOOLS:
+            return int(_load(TOOLS[name][1])(rest) or 0)
+        _parser().error(f"unknown command '{name}'")
+    except ChatforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

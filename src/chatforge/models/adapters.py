@@ -1,0 +1,136 @@
+"""Parameter-efficient fine-tuning through peft: LoRA, QLoRA, prefix tuning, prompt tuning.
+
+`apply_peft(model, peft_cfg)` returns the model to train (a `PeftModel`, or the model itself for
+full fine-tuning with every parameter trainable). Saved adapters load unchanged with
+`PeftModel.from_pretrained`; `merge_adapter` writes a full model that `from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Attention projections per architecture family, matched against leaf module names.
+_ATTENTION_NAMES = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"),  # llama, qwen2, mistral, gemma, phi3-like
+    ("q_proj", "k_proj", "v_proj", "out_proj"),  # opt
+    ("query_key_value", "dense"),  # bloom, falcon, gpt-neox
+    ("c_attn", "c_proj"),  # gpt2 (c_proj also names the MLP output; both are adapted)
+    ("qkv_proj", "o_proj"),  # phi3
+)
+
+
+def leaf_names(model) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+
+
+def default_target_modules(model) -> list[str] | str:
+    """The attention projections of `model`, or peft's 'all-linear' for unknown layouts."""
+    names = leaf_names(model)
+    for group in _ATTENTION_NAMES:
+        if all(n in names for n in group):
+            return list(group)
+    return "all-linear"
+
+
+def lora_config(pcfg, model, dropout: float | None = None):
+    from peft import LoraConfig, TaskType
+
+    targets = list(pcfg.target_modules) or default_target_modules(model)
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=pcfg.r,
+        lora_alpha=pcfg.alpha,
+        lora_dropout=pcfg.dropout if dropout is None else dropout,
+        target_modules=targets,
+        bias="none",
+    )
+
+
+def peft_config(pcfg, model, dropout: float | None = None):
+    """The peft config for `peft.method` (None for full fine-tuning)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    if pcfg.method in ("lora", "qlora"):
+        return lora_config(pcfg, model, dropout)
+    if pcfg.method == "prefix":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=pcfg.num_virtual_tokens)
+    if pcfg.method == "prompt":
+        return PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=pcfg.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.RANDOM,
+        )
+    return None
+
+
+def apply_peft(model, pcfg, gradient_checkpointing: bool = False, dropout: float | None = None):
+    """Wrap `model` for training per `peft.method`; `dropout` overrides peft.dropout (RL uses 0)."""
+    if pcfg.method == "none":
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if pcfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        # Frozen embeddings give the checkpointed blocks inputs without grad; this restores the graph.
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config(pcfg, model, dropout))
+
+
+def is_peft_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def trainable_summary(model) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable parameters: {train:,} of {total:,} ({100 * train / max(total, 1):.2f}%)"
+
+
+def save_final(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save what the ecosystem loads: an adapter dir for peft models, else a full model dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def load_adapter_model(adapter_dir: str | Path, dtype=None, device=None, is_trainable: bool = False):
+    """Base model + saved adapter (the base path comes from adapter_config.json)."""
+    import json
+
+    from peft import PeftModel
+
+    from chatforge.models.load import load_model
+
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base = load_model(cfg["base_model_name_or_path"], dtype=dtype, device=device)
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype=None) -> Path:
+    """Fold a LoRA adapter into its base weights and save a plain transformers model dir.
+
+    Prefix and prompt tuning have no weights to fold: their adapter dir is the deliverable.
+    """
+    import torch
+
+    from chatforge.errors import ChatforgeError
+    from chatforge.models.load import load_tokenizer
+
+    if not is_adapter_dir(adapter_dir):
+        raise ChatforgeError(f"{adapter_dir}: no adapter_config.json (not a peft adapter dir)")
+    model = load_adapter_model(adapter_dir, dtype=dtype or torch.float32)
+    if model.peft_config["default"].peft_type.value != "LORA":
+        raise ChatforgeError(f"{adapter_dir}: only LoRA adapters can be merged (prefix/prompt tuning cannot)")
+    merged = model.merge_and_unload()
+    tok = load_tokenizer(str(adapter_dir))
+    return save_final(merged, tok, out_dir)

@@ -1,0 +1,65 @@
+"""Set-up shared by the training stages: output dir, effective config, model + adapter, data split.
+
+Each stage file (sft, pretrain, rm, dpo, ppo, grpo) builds its objects with these helpers and hands
+a loss function to the shared `Trainer`; none of them copies the loop.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from chatforge.config import Config, save_config
+
+
+def start_run(cfg: Config, stage: str) -> Path:
+    """Create the output dir and write the effective config (refusing to mix with another stage)."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    (out / "stage").write_text(stage + "\n")
+    return out
+
+
+def log(msg: str) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"chatforge: {msg}", flush=True)
+
+
+def build_policy(cfg: Config, dropout: float | None = None):
+    """(LogprobModel around the causal LM with its adapter applied, tokenizer)."""
+    from chatforge.models.adapters import apply_peft, trainable_summary
+    from chatforge.models.load import load_for_training
+    from chatforge.models.logprobs import LogprobModel
+
+    lm, tok = load_for_training(cfg.model, cfg.peft.method)
+    lm = apply_peft(lm, cfg.peft, cfg.model.gradient_checkpointing, dropout=dropout)
+    log(f"model {cfg.model.path} ({lm.dtype}, peft={cfg.peft.method}); {trainable_summary(lm)}")
+    return LogprobModel(lm), tok
+
+
+def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a deterministic `fraction` of items for evaluation."""
+    if not fraction:
+        return items, []
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, int(len(items) * fraction))
+    held = set(idx[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def save_lm(trainer, model, tokenizer, extra_files: dict[str, str] | None = None) -> Path:
+    """Save the trained causal LM (adapter dir or full model dir) to OUTPUT/final atomically."""
+    from chatforge.models.adapters import save_final
+
+    lm = trainer.acc.unwrap_model(model).lm
+
+    def write(tmp: Path) -> None:
+        save_final(lm, tokenizer, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+    return trainer.save_final(write)

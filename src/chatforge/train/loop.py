@@ -1,0 +1,411 @@
+"""The one training loop every stage shares: accumulate, clip, step, log, checkpoint, resume.
+
+A stage supplies a `loss_fn(model, batch, normalizer) -> (loss, metrics)` and a
+`units_fn(batch) -> int` (how many tokens or sequences the loss averages over). Before the
+forward passes of an optimizer step the trainer counts the units of every micro-batch on every rank
+and hands each loss the global count as `normalizer`, so 4 micro-batches of 1 give exactly the
+gradient of 1 micro-batch of 4, and 2 processes give the step of 1 process at the same global batch.
+
+Checkpoints (`OUTPUT/checkpoints/step-N/`) hold the trainable weights, optimizer, scheduler, RNG
+states and the stage's own state; they are written to a temp dir and renamed, so a crash never
+leaves a half-written one. `train.resume=true` restarts from the newest and replays the same data
+order, so the metrics after the resume point equal an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatforge.errors import ChatforgeError
+
+LossFn = Callable[[Any, dict, float | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def lr_lambda(scheduler: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak LR at a step: linear warmup, then cosine/linear decay or constant.
+
+    >>> f = lr_lambda("linear", 2, 10)
+    >>> [round(f(s), 3) for s in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if scheduler == "cosine" else 1.0 - progress
+
+    return f
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens in a batch."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    if batch.get("attention_mask") is not None:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Trainer:
+    """Optimizer, schedule, accelerate, logging and checkpoints for one training run."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tcfg,
+        total_steps: int,
+        param_groups: list[dict] | None = None,
+        device=None,
+    ):
+        from accelerate import Accelerator, InitProcessGroupKwargs
+
+        from chatforge.models.load import bf16_supported, pick_device
+
+        self.cfg = tcfg
+        self.out = Path(tcfg.output_dir)
+        self.total_steps = total_steps
+        device = device or pick_device(tcfg.device)
+        mp = tcfg.mixed_precision
+        if mp == "auto":
+            wants = any(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+            mp = "bf16" if wants and bf16_supported(device) else "no"
+        handlers = [] if device.type == "cuda" else [InitProcessGroupKwargs(backend="gloo")]
+        self.acc = Accelerator(mixed_precision=mp, cpu=device.type == "cpu", kwargs_handlers=handlers)
+        torch.manual_seed(tcfg.seed)
+        groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        if not any(g["params"] for g in groups):
+            raise ChatforgeError("nothing to train: the model has no trainable parameters")
+        opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        warmup = math.ceil(tcfg.warmup_ratio * total_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg.scheduler, warmup, total_steps))
+        self.model, self.optimizer, self.scheduler = self.acc.prepare(model, opt, sched)
+        self.step = 0
+        self.writer = None
+        self._bar = None
+        self._last_log = (time.perf_counter(), 0)
+        self._tokens = 0
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    # ---- one optimizer step -------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    def global_sum(self, value: float) -> float:
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.acc.device)
+        return float(self.acc.reduce(t, "sum").item())
+
+    def train_step(self, micro_batches: Sequence[dict], loss_fn: LossFn, units_fn) -> dict[str, float]:
+        """Forward/backward over the micro-batches, clip, step; returns this step's metrics."""
+        self.model.train()
+        units = [units_fn(b) for b in micro_batches]
+        total = self.global_sum(sum(units))
+        # DDP averages gradients over ranks; scale so the result is the global-batch mean.
+        normalizer = max(total, 1.0) / self.world
+        sums: dict[str, float] = {}
+        loss_total = 0.0
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+            with sync, self.acc.autocast():
+                loss, metrics = loss_fn(self.model, batch, normalizer)
+                self.acc.backward(loss)
+            loss_total += float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * units[i]
+            self._tokens += batch_tokens(batch)
+        grad_norm = None
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        out = {"loss": self.global_sum(loss_total) / self.world}
+        for k, v in sums.items():
+            out[k] = self.global_sum(v) / max(total, 1.0)
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, batches, loss_fn: LossFn, units_fn) -> dict[str, float]:
+        """Unit-weighted mean of the loss and metrics over `batches` (this rank's shard)."""
+        self.model.eval()
+        sums: dict[str, float] = {}
+        total = 0.0
+        for batch in batches:
+            n = units_fn(batch)
+            with self.acc.autocast():
+                loss, metrics = loss_fn(self.model, batch, None)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            total += n
+        total = self.global_sum(total)
+        return {f"eval/{k}": self.global_sum(v) / max(total, 1.0) for k, v in sums.items()}
+
+    # ---- logging --------------------------------------------------------------------------
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        step = self.step if step is None else step
+        now = time.perf_counter()
+        t0, tok0 = self._last_log
+        tokens = self.global_sum(self._tokens - tok0)
+        self._last_log = (now, self._tokens)
+        record = {"step": step, **metrics}
+        if "eval/loss" not in metrics:
+            record["tokens_per_s"] = round(tokens / max(now - t0, 1e-9), 1)
+        if not self.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, step)
+        if self._bar is not None:
+            shown = {
+                k: f"{v:.4g}"
+                for k, v in record.items()
+                if k in ("loss", "eval/loss", "reward", "tokens_per_s")
+            }
+            self._bar.set_postfix(shown, refresh=False)
+
+    def progress(self, initial: int = 0, desc: str = "train"):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=self.total_steps,
+            initial=initial,
+            desc=desc,
+            disable=not (self.cfg.progress and self.is_main),
+        )
+        return self._bar
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self, extra: dict | None = None) -> Path:
+        """Write `checkpoints/step-N` atomically and keep the newest `train.keep_last`."""
+        from safetensors.torch import save_file
+
+        final = self.ckpt_root / f"step-{self.step}"
+        tmp = self.ckpt_root / f".tmp-step-{self.step}"
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(trainable_state(self.acc.unwrap_model(self.model)), str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {"step": self.step, "world": self.world, **(extra or {})}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        self.acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{self.acc.process_index}.pt")
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(self.checkpoints())[: -self.cfg.keep_last or None]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def checkpoints(self) -> list[Path]:
+        if not self.ckpt_root.is_dir():
+            return []
+        found = [p for p in self.ckpt_root.glob("step-*") if (p / "state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def resume(self) -> dict | None:
+        """Load the newest checkpoint (if any); returns its saved state."""
+        from safetensors.torch import load_file
+
+        ckpts = self.checkpoints()
+        if not ckpts:
+            return None
+        path = ckpts[-1]
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(str(path / "trainable.safetensors"))
+        model = self.acc.unwrap_model(self.model)
+        missing = set(trainable_state(model)) - set(weights)
+        if missing:
+            raise ChatforgeError(
+                f"{path}: checkpoint lacks {len(missing)} trainable tensors (another config?)"
+            )
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng = path / f"rng-{self.acc.process_index}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        self.step = state["step"]
+        if self.is_main:
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        return state
+
+    def save_final(self, save_fn: Callable[[Path], None]) -> Path:
+        """Call `save_fn(tmp_dir)` on the main process, then atomically move it to OUTPUT/final."""
+        final = self.out / "final"
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            tmp = self.out / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_fn(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        self.acc.wait_for_everyone()
+        return final
+
+    # ---- the supervised loop ---------------------------------------------------------------
+    def fit(
+        self,
+        items: Sequence,
+        collate: Callable[[list], dict],
+        loss_fn: LossFn,
+        units_fn: Callable[[dict], int],
+        eval_items: Sequence | None = None,
+        on_step: Callable[[Trainer, dict], None] | None = None,
+    ) -> dict[str, float]:
+        """Train over `items` (reshuffled each epoch) for `total_steps`; returns the last metrics."""
+        cfg = self.cfg
+        per_step = cfg.batch_size * cfg.grad_accum * self.world
+        steps_per_epoch = len(items) // per_step
+        rank = self.acc.process_index
+        start = 0
+        if cfg.resume and (state := self.resume()) is not None:
+            start = state["step"]
+            if self.is_main:
+                print(f"chatforge: resumed from step {start}", flush=True)
+        last: dict[str, float] = {}
+        bar = self.progress(initial=start)
+        try:
+            for step in range(start, self.total_steps):
+                epoch, pos = divmod(step, steps_per_epoch)
+                order = epoch_order(len(items), cfg.seed, epoch)
+                base = pos * per_step
+                micro = []
+                for k in range(cfg.grad_accum):
+                    lo = base + (k * self.world + rank) * cfg.batch_size
+                    micro.append(
+                        self._to_device(collate([items[i] for i in order[lo : lo + cfg.batch_size]]))
+                    )
+                last = self.train_step(micro, loss_fn, units_fn)
+                last["epoch"] = round(self.step / steps_per_epoch, 4)
+                done = self.step == self.total_steps
+                if eval_items and ((cfg.eval_every and self.step % cfg.eval_every == 0) or done):
+                    last.update(self.evaluate(self.eval_batches(eval_items, collate), loss_fn, units_fn))
+                if on_step is not None:
+                    on_step(self, last)
+                if self.step % cfg.log_every == 0 or done:
+                    self.log(last)
+                bar.update(1)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+                    self.save_checkpoint({"epoch": epoch})
+        except KeyboardInterrupt:
+            if self.step > start:
+                self.save_checkpoint({"interrupted": True})
+                print(
+                    f"\nchatforge: interrupted; saved checkpoint at step {self.step} (train.resume=true continues)"
+                )
+            raise
+        finally:
+            self.close()
+        return last
+
+    def eval_batches(self, items: Sequence, collate):
+        rank, bs = self.acc.process_index, self.cfg.batch_size
+        mine = list(range(rank, len(items), self.world))
+        for s in range(0, len(mine), bs):
+            yield self._to_device(collate([items[i] for i in mine[s : s + bs]]))
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def steps_for(n_items: int, tcfg, world: int = 1) -> int:
+    """Optimizer steps for `train.max_steps` or `train.epochs` over n_items examples."""
+    per_step = tcfg.batch_size * tcfg.grad_accum * world
+    if n_items < per_step:
+        raise ChatforgeError(
+            f"only {n_items} training examples, fewer than one global batch of {per_step} "
+            f"(train.batch_size x train.grad_accum x processes): add data or lower them"
+        )
+    if tcfg.max_steps:
+        return tcfg.max_steps
+    return max(1, math.ceil(tcfg.epochs * (n_items // per_step)))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of an epoch; the same on every rank and after a resume."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after `step` by a run that died before its next checkpoint."""
+    if not path.is_file():
+        return
+    keep = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
+    ]
+    path.write_text("".join(ln + "\n" for ln in keep))

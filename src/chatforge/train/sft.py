@@ -1,0 +1,92 @@
+"""Stage 1, supervised fine-tuning: `chatforge sft CONFIG.yaml [key=value ...]`.
+
+Trains a causal LM on chat records (`messages`) or prompt/completion pairs, with the loss on
+assistant tokens only by default. Packing (`data.packing=true`) puts several examples per row with
+position ids restarting per example, so no attention or position leaks across examples.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from chatforge.config import Config
+
+
+def sft_loss(model, batch, normalizer, reduction: str = "token"):
+    """Masked next-token NLL; `normalizer` is the global unit count the trainer computed."""
+    from chatforge.losses.sft import nll_loss
+
+    target = batch["labels"] != -100
+    logps, _ = model(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), target)
+    return nll_loss(logps, target[:, 1:], reduction, normalizer)
+
+
+def sft_units(batch, reduction: str = "token") -> int:
+    from chatforge.losses.reduce import count_units
+
+    return count_units(batch["labels"][:, 1:] != -100, reduction)
+
+
+def make_collate(tokenizer, packing: bool):
+    from chatforge.data.collate import collate_packed, pad_batch
+
+    if packing:
+        return partial(collate_packed, pad_id=tokenizer.pad_token_id)
+    return partial(pad_batch, pad_id=tokenizer.pad_token_id)
+
+
+def prepare_items(examples: list, max_length: int, packing: bool) -> list:
+    from chatforge.data.collate import pack
+
+    return pack(examples, max_length) if packing else examples
+
+
+def run(cfg: Config) -> str:
+    from chatforge.data.dataset import build_sft_examples
+    from chatforge.errors import ConfigError
+    from chatforge.train.common import build_policy, log, save_lm, split_eval, start_run
+    from chatforge.train.loop import Trainer, steps_for
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give at least one training file")
+    start_run(cfg, "sft")
+    model, tok = build_policy(cfg)
+    build = partial(
+        build_sft_examples,
+        tokenizer=tok,
+        max_length=cfg.data.max_length,
+        assistant_only=cfg.data.assistant_only_loss,
+    )
+    examples, report = build(cfg.data.train)
+    log(f"train data: {report.summary()}")
+    eval_examples = []
+    if cfg.data.eval:
+        eval_examples, eval_report = build(cfg.data.eval)
+        log(f"eval data: {eval_report.summary()}")
+    else:
+        examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
+    items = prepare_items(examples, cfg.data.max_length, cfg.data.packing)
+    eval_items = prepare_items(eval_examples, cfg.data.max_length, cfg.data.packing)
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world))
+    reduction = cfg.train.loss_reduction
+    trainer.fit(
+        items,
+        make_collate(tok, cfg.data.packing),
+        partial(sft_loss, reduction=reduction),
+        partial(sft_units, reduction=reduction),
+        eval_items=eval_items,
+        on_step=_add_perplexity,
+    )
+    final = save_lm(trainer, trainer.model, tok)
+    log(f"done: {final}")
+    return str(final)
+
+
+def _add_perplexity(trainer, metrics: dict) -> None:
+    import math
+
+    if "eval/loss" in metrics:
+        metrics["eval/ppl"] = math.exp(min(metrics["eval/loss"], 50.0))
