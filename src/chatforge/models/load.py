@@ -152,10 +152,33 @@ def load_model(
     if quantize_4bit:
         kw["quantization_config"] = qlora_config(dtype or torch.bfloat16)
         kw["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
-    if not quantize_4bit:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
+    finally:
+        hf_logging.enable_progress_bar()
+    if quantize_4bit:
+        keep_4bit_trainable(model)
+    else:
         model.to(device)
     return model
+
+
+def keep_4bit_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns layers touched.
+
+    On CPUs with AVX-512 bf16, a no-grad eval-mode forward (generation, evaluation) repacks the
+    weights into an inference layout after which LoRA gradients through them are silently zero.
+    Training and generating with the same model (PPO, eval during SFT) needs the training layout.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def qlora_config(compute_dtype):

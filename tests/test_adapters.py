@@ -1,0 +1,108 @@
+"""Every adapter kind trains, saves and reloads through peft; QLoRA survives no-grad eval on CPU."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from chatforge.config import PeftConfig
+from chatforge.models.adapters import apply_peft, default_target_modules, merge_adapter
+from chatforge.models.load import keep_4bit_trainable, load_model
+from chatforge.models.logprobs import token_logprobs
+from chatforge.models.tiny import TINY_ARCHITECTURES, tiny_model
+
+CPU = torch.device("cpu")
+needs_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes missing"
+)
+
+
+def train_step(model, ids, lr=1e-2):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    lp, _ = token_logprobs(model, ids, torch.ones_like(ids))
+    (-lp.mean()).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_default_targets_are_attention_projections(arch, tokenizer):
+    targets = default_target_modules(tiny_model(arch, tokenizer))
+    assert targets != "all-linear" and len(targets) >= 2
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "none"])
+def test_trainable_params_change_frozen_do_not_and_adapter_reloads(method, tiny_model_dir, tmp_path):
+    model = apply_peft(
+        load_model(tiny_model_dir, device=CPU), PeftConfig(method=method, r=4, num_virtual_tokens=4)
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(5, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # LoRA's B starts at zero, so A only moves from the second step
+        train_step(model, ids)
+    for n, p in model.named_parameters():
+        assert torch.equal(before[n], p) != p.requires_grad, f"{n}: trainable={p.requires_grad}"
+    model.eval()
+    with torch.no_grad():
+        want, _ = token_logprobs(model, ids)
+    model.save_pretrained(tmp_path / "out")
+    if method == "none":
+        from transformers import AutoModelForCausalLM
+
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    else:
+        from peft import PeftModel
+
+        again = PeftModel.from_pretrained(load_model(tiny_model_dir, device=CPU), tmp_path / "out")
+    with torch.no_grad():
+        got, _ = token_logprobs(again.eval(), ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_writes_a_plain_model_with_the_same_outputs(tiny_model_dir, tmp_path):
+    model = apply_peft(load_model(tiny_model_dir, device=CPU), PeftConfig(method="lora", r=4))
+    ids = torch.randint(5, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    train_step(model, ids)
+    train_step(model, ids)
+    model.save_pretrained(tmp_path / "adapter")
+    from chatforge.models.load import load_tokenizer
+
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        want, _ = token_logprobs(model.eval(), ids)
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    with torch.no_grad():
+        got, _ = token_logprobs(merged, ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_bnb
+@pytest.mark.parametrize("guarded", [True, False])
+def test_qlora_gradients_survive_a_no_grad_eval_forward(guarded, tiny_model_dir):
+    model = load_model(tiny_model_dir, dtype=torch.bfloat16, device=CPU, quantize_4bit=True)
+    if not guarded:  # undo the guard to show what it prevents
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = True
+    model = apply_peft(model, PeftConfig(method="qlora", r=4))
+    ids = torch.randint(5, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    train_step(model, ids)  # makes LoRA B non-zero so A gets gradients too
+    model.eval()
+    with torch.no_grad():
+        token_logprobs(model, ids)  # generation / evaluation
+    model.train()
+    lp, _ = token_logprobs(model, ids)
+    (-lp.mean()).backward()
+    grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if "lora_A" in n]
+    if guarded:
+        assert all(g > 0 for g in grads)
+    else:
+        from bitsandbytes.nn.modules import has_avx512bf16
+
+        if not has_avx512bf16():
+            pytest.skip("this CPU has no AVX-512 bf16, so bitsandbytes never repacks")
+        assert any(g == 0 for g in grads), "the hazard the guard exists for did not show"
