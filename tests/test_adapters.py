@@ -7,7 +7,7 @@ import torch
 
 from chatforge.config import PeftConfig
 from chatforge.models.adapters import apply_peft, default_target_modules, merge_adapter
-from chatforge.models.load import keep_4bit_trainable, load_model
+from chatforge.models.load import load_model
 from chatforge.models.logprobs import token_logprobs
 from chatforge.models.tiny import TINY_ARCHITECTURES, tiny_model
 
