@@ -1,0 +1,108 @@
+"""Scalar heads on a causal LM backbone, by composition: reward scores and per-token values.
+
+`ScalarHeadModel(lm)` runs the LM's decoder (with whatever adapter is active) and maps each hidden
+state to one number with a small fp32 linear head. A reward model reads it at the last real token
+(`score`), a critic at every token (`forward`). The head is saved next to the adapter or model as
+`<name>.safetensors` with a one-line JSON sidecar, so the LM part stays loadable by transformers/peft.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chatforge.models.logprobs import split_backbone
+
+
+def hidden_size_of(lm) -> int:
+    """Width of the hidden states the LM head reads (OPT may project them first)."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return base.get_output_embeddings().weight.shape[1]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for left or right padding.
+
+    >>> last_token_index(torch.tensor([[1, 1, 0], [0, 1, 1]])).tolist()
+    [1, 2]
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+class ScalarHeadModel(nn.Module):
+    """A causal LM backbone plus a linear head giving one fp32 number per position."""
+
+    def __init__(self, lm, head: nn.Linear | None = None, name: str = "score"):
+        super().__init__()
+        self.lm = lm
+        self.name = name
+        if head is None:
+            width = hidden_size_of(lm)
+            head = nn.Linear(width, 1, bias=True, dtype=torch.float32)
+            nn.init.normal_(head.weight, std=1 / (width + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+        device = next(lm.parameters()).device
+        self.head = head.to(device)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        parts = split_backbone(self.lm)
+        if parts is not None:
+            out = parts[0](
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+            return out.last_hidden_state
+        out = self.lm(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
+        return out.hidden_states[-1][:, -input_ids.shape[1] :]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """Values (B, T) fp32, one per token."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        return self.head(hidden.float()).squeeze(-1)
+
+    def score(self, input_ids, attention_mask) -> torch.Tensor:
+        """Scores (B,) fp32 read at each row's last real token."""
+        values = self(input_ids, attention_mask)
+        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+    def save_head(self, out_dir: str | Path, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(state, str(out / f"{self.name}_head.safetensors"))
+        meta = {"name": self.name, "in_features": self.head.in_features, **(extra or {})}
+        (out / f"{self.name}_head.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_head(model_dir: str | Path, name: str = "score") -> tuple[nn.Linear, dict]:
+    """The saved head and its JSON metadata from `model_dir`."""
+    from safetensors.torch import load_file
+
+    from chatforge.errors import ChatforgeError
+
+    path = Path(model_dir) / f"{name}_head.safetensors"
+    if not path.is_file():
+        raise ChatforgeError(f"{model_dir}: no {path.name} (not a chatforge {name} model)")
+    state = load_file(str(path))
+    meta = json.loads((Path(model_dir) / f"{name}_head.json").read_text())
+    head = nn.Linear(state["weight"].shape[1], 1, bias="bias" in state, dtype=torch.float32)
+    head.load_state_dict(state)
+    return head, meta
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout to p=0 so rollout and training log-probs agree (RL needs ratio 1 at start)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop", "dropout"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
