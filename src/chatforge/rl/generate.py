@@ -1,0 +1,146 @@
+"""Batched sampling for rollouts and evaluation: left padding, KV cache, stop at end-of-turn.
+
+This module knows nothing about training: it turns prompts into responses. Log-probs for learning
+are recomputed by the training forward path (`chatforge.models.logprobs`), so rollout and learning
+agree exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generated:
+    """Prompts and the responses sampled for them.
+
+    prompt_ids: (B, P) left-padded prompt tokens; prompt_mask: (B, P) 1 on real tokens.
+    response_ids: (B, R) right-padded response tokens (the stop token included when produced);
+    response_mask: (B, R) 1 on response tokens up to and including the first stop token.
+    stopped: (B,) bool, True where the response ended with a stop token (not the length limit).
+    texts: decoded responses without special tokens. tokens_per_s: generated tokens per second.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    stopped: torch.Tensor
+    texts: list[str]
+    tokens_per_s: float
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the chat template's end-of-turn token when it differs."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) with every prompt right-aligned.
+
+    >>> ids, mask = left_pad([[5, 6], [7]], 0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6], [0, 7]], [[1, 1], [0, 1]])
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        if p:
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def response_mask(response_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, stopped): 1 up to and including the first stop token of each row.
+
+    >>> m, s = response_mask(torch.tensor([[4, 9, 2, 2], [4, 4, 4, 4]]), [9])
+    >>> m.tolist(), s.tolist()
+    ([[1, 1, 0, 0], [1, 1, 1, 1]], [True, False])
+    """
+    is_stop = torch.isin(response_ids, torch.tensor(stop_ids, device=response_ids.device))
+    after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0
+    return (~after_stop).long(), is_stop.any(1)
+
+
+@torch.no_grad()
+def generate(
+    lm,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    batch_size: int | None = None,
+) -> Generated:
+    """Sample one response per prompt (token id lists) with the model's KV cache."""
+    device = next(lm.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    stops = stop_token_ids(tokenizer)
+    was_training = lm.training
+    lm.eval()
+    chunks = []
+    t0 = time.perf_counter()
+    n_tokens = 0
+    step = batch_size or len(prompts)
+    try:
+        for s in range(0, len(prompts), step):
+            ids, mask = left_pad(prompts[s : s + step], pad_id, device)
+            kw = (
+                dict(do_sample=False)
+                if greedy
+                else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+            )
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=pad_id,
+                use_cache=True,
+                **kw,
+            )
+            resp = out[:, ids.shape[1] :]
+            rmask, stopped = response_mask(resp, stops)
+            resp = resp.masked_fill(rmask == 0, pad_id)
+            n_tokens += int(rmask.sum())
+            chunks.append((ids, mask, resp, rmask, stopped))
+    finally:
+        lm.train(was_training)
+    seconds = time.perf_counter() - t0
+    p_ids, p_mask = left_pad(
+        [row[m.bool()].tolist() for c in chunks for row, m in zip(c[0], c[1])], pad_id, device
+    )
+    width = max(c[2].shape[1] for c in chunks)
+    r_ids = torch.cat([_pad_right(c[2], width, pad_id) for c in chunks])
+    r_mask = torch.cat([_pad_right(c[3], width, 0) for c in chunks])
+    texts = tokenizer.batch_decode(r_ids.masked_fill(r_mask == 0, pad_id), skip_special_tokens=True)
+    return Generated(
+        p_ids, p_mask, r_ids, r_mask, torch.cat([c[4] for c in chunks]), texts, n_tokens / max(seconds, 1e-9)
+    )
+
+
+def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def sequence_inputs(gen: Generated) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of prompt+response for one training forward pass.
+
+    Positions count real tokens only, matching what generation used under left padding.
+    """
+    ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
+    mask = torch.cat([gen.prompt_mask, gen.response_mask], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids, mask, positions
