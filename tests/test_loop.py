@@ -51,7 +51,7 @@ def make_trainer(tmp_path, tokenizer, **kw):
         lr=1e-2,
         warmup_ratio=0.0,
         progress=False,
-        mixed_precision="no",
+        mixed_precision="none",
         max_grad_norm=0.0,
     )
     cfg = TrainConfig(**{**defaults, **kw})

@@ -92,7 +92,9 @@ class TrainConfig:
         "token", "how per-token losses are averaged over the global batch", ("token", "sequence")
     )
     mixed_precision: str = opt(
-        "auto", "autocast dtype for fp32 weights; auto = bf16 where supported", ("auto", "no", "bf16", "fp16")
+        "auto",
+        "autocast dtype for fp32 weights; auto = bf16 where supported",
+        ("auto", "none", "bf16", "fp16"),
     )
     seed: int = opt(42, "seed for data order, dropout and initialisation")
     log_every: int = opt(1, "log metrics every N steps")
@@ -272,17 +274,25 @@ def _coerce(key: str, value: Any, tp: Any, choices: tuple | None) -> Any:
     return value
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
-    import yaml
+class _Raw(str):
+    """An override value as typed on the command line, parsed once its field's type is known."""
 
+    def parse(self, tp: Any) -> Any:
+        import yaml
+
+        if tp is str:
+            return str(self)  # keep 'no', 'on', '1e-4' as written for string fields
+        try:
+            return yaml.safe_load(self) if self.strip() else ""
+        except yaml.YAMLError:
+            return str(self)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+    return key.strip(), _Raw(raw)
 
 
 def _flatten(tree: dict, where: str) -> dict[str, Any]:
@@ -326,6 +336,8 @@ def build_config(values: dict[str, Any]) -> Config:
             raise _unknown(key)
         f = _fields(type(getattr(cfg, section)))[name]
         tp = typing.get_type_hints(type(getattr(cfg, section)))[name]
+        if isinstance(value, _Raw):
+            value = value.parse(tp)
         setattr(getattr(cfg, section), name, _coerce(key, value, tp, f.metadata.get("choices")))
     for key, ok, what in _RULES:
         section, name = key.split(".")

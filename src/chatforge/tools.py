@@ -45,29 +45,22 @@ def plan_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="chatforge plan", description="Estimate memory for training a model.")
     p.add_argument("model", help="a model dir, 'default', or a pretraining preset name")
     p.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "int8", "nf4"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16", "fp16", "int8", "nf4"],
+        help="weight dtype (default: per method)",
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--stage", default="sft", choices=["sft", "dpo", "ppo"])
+    p.add_argument("--stage", default="sft", choices=["sft", "reward", "dpo", "ppo", "grpo", "inference"])
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--device-gib", type=float, default=0.0, help="say whether it fits in this much memory")
     args = p.parse_args(argv)
     from chatforge.plan import memory, scaling
 
-    if args.model in scaling.PRESETS:
-        shape = memory.ModelShape.from_hf_config(
-            {"model_type": "llama", "vocab_size": 49152, **scaling.PRESETS[args.model]}
-        )
-    else:
-        import json
-        from pathlib import Path
-
-        from chatforge.models.load import resolve_model_path
-
-        shape = memory.ModelShape.from_hf_config(
-            json.loads((Path(resolve_model_path(args.model)) / "config.json").read_text())
-        )
+    shape = memory.load_shape(args.model)
     est = memory.estimate(
         shape,
         method=args.method,
@@ -82,7 +75,6 @@ def plan_main(argv: list[str]) -> int:
     if args.device_gib:
         print(f"fits in {args.device_gib:g} GiB: {'yes' if memory.fits(est, args.device_gib) else 'no'}")
     tokens = scaling.chinchilla_tokens(shape.n_params)
-    print(
-        f"compute-optimal pretraining budget: {tokens:,.0f} tokens ({scaling.training_flops(shape.n_params, tokens):.3g} FLOPs)"
-    )
+    flops = scaling.training_flops(shape.n_params, tokens)
+    print(f"compute-optimal pretraining budget: {tokens:,} tokens, {flops:.3g} FLOPs")
     return 0

@@ -86,11 +86,13 @@ class Trainer:
         mp = tcfg.mixed_precision
         if mp == "auto":
             wants = any(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-            mp = "bf16" if wants and bf16_supported(device) else "no"
+            mp = "bf16" if wants and bf16_supported(device) else "none"
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         # CPU processes talk over gloo (DeepSpeed on CPU also needs it, see DESIGN.md)
         handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and device.type != "cuda" else []
-        self.acc = Accelerator(mixed_precision=mp, cpu=device.type == "cpu", kwargs_handlers=handlers)
+        self.acc = Accelerator(
+            mixed_precision="no" if mp == "none" else mp, cpu=device.type == "cpu", kwargs_handlers=handlers
+        )
         torch.manual_seed(tcfg.seed)
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         if not any(g["params"] for g in groups):
