@@ -1,0 +1,187 @@
+"""Batches from tokenised examples: padding with masks and positions, or packing without padding.
+
+`pad_batch` pads examples to one length (right for training, left for generation). `pack` puts
+several examples into each row of at most max_length tokens (first-fit-decreasing, deterministic)
+and `collate_packed` turns rows into a batch whose position ids restart at 0 for every example and
+which has no attention mask: transformers (5.x, `find_packed_sequence_indices` in masking_utils)
+then builds a block-diagonal causal mask from the position ids when `attention_mask` is None and
+there is no KV cache, so no token attends across examples. Call the model with `use_cache=False`:
+an eval-mode forward otherwise creates a cache, and the examples silently attend to each other. Labels stay unshifted (`labels[t]` is
+the target of token t); the first token of every packed example gets no label, since the model
+would otherwise learn to predict it from the end of the previous, unrelated example.
+
+    >>> b = pad_batch([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}], pad_id=0)
+    >>> b["input_ids"].tolist(), b["attention_mask"].tolist(), b["position_ids"].tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]], [[0, 1, 2], [0, 0, 0]])
+    >>> b["labels"].tolist()
+    [[5, 6, 7], [8, -100, -100]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _padded_length(longest: int, multiple: int | None) -> int:
+    if multiple:
+        return -(-longest // multiple) * multiple
+    return longest
+
+
+def pad_batch(
+    examples: Sequence[Mapping],
+    pad_id: int,
+    padding_side: str = "right",
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad examples (`input_ids`, optional `labels`, other fields) into (B, T) tensors.
+
+    Returns `input_ids` (pads = pad_id), `attention_mask` (1 on real tokens), `labels` (IGNORE_INDEX on
+    pads; a copy of input_ids when the examples have none) and `position_ids` (0.. from each row's
+    first real token, 0 on pads). Any other per-token list field (same length as input_ids) is padded
+    with 0; a scalar field becomes a (B,) tensor; anything else is passed through as a list.
+
+    >>> b = pad_batch([{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [8], "labels": [8]}],
+    ...               pad_id=0, padding_side="left", pad_to_multiple_of=4)
+    >>> b["input_ids"].tolist(), b["labels"].tolist(), b["position_ids"].tolist()
+    ([[0, 0, 5, 6], [0, 0, 0, 8]], [[-100, -100, -100, 6], [-100, -100, -100, 8]], [[0, 0, 0, 1], [0, 0, 0, 0]])
+    """
+    if not examples:
+        raise ValueError("pad_batch needs at least one example")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left' (got {padding_side!r})")
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    width = _padded_length(max(lengths), pad_to_multiple_of)
+    left = padding_side == "left"
+
+    def place(rows: list, fill, dtype) -> torch.Tensor:
+        out = torch.full((len(rows), width), fill, dtype=dtype)
+        for i, row in enumerate(rows):
+            if not len(row):
+                continue
+            t = torch.as_tensor(list(row), dtype=dtype)
+            if left:
+                out[i, width - len(row) :] = t
+            else:
+                out[i, : len(row)] = t
+        return out
+
+    batch = {
+        "input_ids": place([ex["input_ids"] for ex in examples], pad_id, torch.long),
+        "attention_mask": place([[1] * n for n in lengths], 0, torch.long),
+        "labels": place([ex.get("labels", ex["input_ids"]) for ex in examples], IGNORE_INDEX, torch.long),
+        "position_ids": place([range(n) for n in lengths], 0, torch.long),
+    }
+    for key in examples[0]:
+        if key in batch:
+            continue
+        values = [ex[key] for ex in examples]
+        if all(isinstance(v, (list, tuple)) and len(v) == n for v, n in zip(values, lengths)):
+            is_float = any(isinstance(x, float) for v in values for x in v)
+            batch[key] = place(values, 0, torch.float32 if is_float else torch.long)
+        elif all(isinstance(v, (int, float)) for v in values):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+@dataclass
+class PackedRow:
+    """Several examples laid end to end: `seq_lens[k]` tokens of example `indices[k]`, in order."""
+
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def position_ids(self) -> list[int]:
+        return [p for n in self.seq_lens for p in range(n)]
+
+    def add(self, index: int, example: Mapping) -> None:
+        ids = list(example["input_ids"])
+        labels = list(example.get("labels", ids))
+        if labels:
+            labels[0] = IGNORE_INDEX  # predicted from the previous example's last token otherwise
+        self.input_ids += ids
+        self.labels += labels
+        self.seq_lens.append(len(ids))
+        self.indices.append(index)
+
+
+def pack(examples: Sequence[Mapping], max_length: int) -> list[PackedRow]:
+    """Pack examples into rows of at most `max_length` tokens, first-fit-decreasing.
+
+    Examples go longest first (ties in input order) into the first row with room, so the result is
+    deterministic; rows come in the order they were opened. A max-segment-tree over the rows' free
+    space finds that row in O(log n).
+
+    >>> rows = pack([{"input_ids": [1, 2]}, {"input_ids": [3, 4, 5]}, {"input_ids": [6]}], max_length=4)
+    >>> [(r.input_ids, r.labels, r.position_ids) for r in rows]
+    [([3, 4, 5, 6], [-100, 4, 5, -100], [0, 1, 2, 0]), ([1, 2], [-100, 2], [0, 1])]
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    for i, n in enumerate(lengths):
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens, more than max_length {max_length}: truncate first")
+    order = sorted(range(len(examples)), key=lambda i: -lengths[i])
+    size = 1
+    while size < max(len(examples), 1):
+        size *= 2
+    free = [max_length] * (2 * size)  # tree node = the most free space of any row below it
+    rows: list[PackedRow] = []
+    for i in order:
+        need, node = lengths[i], 1
+        while node < size:
+            node = 2 * node if free[2 * node] >= need else 2 * node + 1
+        slot = node - size
+        if slot == len(rows):
+            rows.append(PackedRow())
+        rows[slot].add(i, examples[i])
+        free[node] -= need
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return rows
+
+
+def collate_packed(
+    rows: Sequence[PackedRow], pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor | int]:
+    """(B, T) `input_ids`, `labels` and restarting `position_ids` for packed rows; no attention mask.
+
+    Right padding forms a sequence of its own (positions 0.. again) and carries no labels, so it
+    neither sees nor is seen by real tokens. `num_tokens` counts the real tokens (for throughput).
+
+    >>> b = collate_packed(pack([{"input_ids": [1, 2]}, {"input_ids": [3, 4, 5]}], 3), pad_id=0)
+    >>> b["input_ids"].tolist(), b["position_ids"].tolist(), b["num_tokens"]
+    ([[3, 4, 5], [1, 2, 0]], [[0, 1, 2], [0, 1, 0]], 5)
+    """
+    if not rows:
+        raise ValueError("collate_packed needs at least one row")
+    width = _padded_length(max(len(r) for r in rows), pad_to_multiple_of)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r)
+        input_ids[i, :n] = torch.as_tensor(r.input_ids, dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(r.labels, dtype=torch.long)
+        position_ids[i, :n] = torch.as_tensor(r.position_ids, dtype=torch.long)
+        position_ids[i, n:] = torch.arange(width - n)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "num_tokens": sum(len(r) for r in rows),
+    }
