@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatforge.data.formats import to_messages, to_text
-from chatforge.data.sources import _records
+from chatforge.data.sources import records_or_errors
 from chatforge.errors import DataError
 
 Paths = str | Path | Iterable[str | Path]
@@ -71,7 +71,7 @@ def load_validated(paths: Paths, normaliser: Callable[[dict, str], object], with
     files = _as_list(paths)
     out, first, bad = [], None, 0
     for path in files:
-        for where, rec in _records(path):
+        for where, rec in records_or_errors(path):
             try:
                 if isinstance(rec, DataError):
                     raise rec

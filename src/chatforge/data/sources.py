@@ -69,7 +69,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
     Raises `DataError` (a one-line message starting with `where`) at the first record that is not
     valid JSON or not an object, for a missing path and for an unsupported file type.
     """
-    for where, rec in _records(path):
+    for where, rec in records_or_errors(path):
         if isinstance(rec, DataError):
             raise rec
         yield where, rec
@@ -81,8 +81,8 @@ def read_many(paths: str | Path | Iterable[str | Path]) -> Iterator[tuple[str, d
         yield from read_records(path)
 
 
-def _records(path: str | Path) -> Iterator[tuple[str, dict | DataError]]:
-    """Like `read_records`, but a bad record comes out as `(where, DataError)` so that callers can
+def records_or_errors(path: str | Path) -> Iterator[tuple[str, dict | DataError]]:
+    """Like `read_records`, but a bad record comes out as `(where, DataError)`, so that a caller can
     count every bad record before stopping; problems with the file itself still raise."""
     p = Path(path)
     name = str(path)

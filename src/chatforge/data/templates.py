@@ -62,8 +62,8 @@ def ensure_chat_template(tokenizer) -> bool:
     A base model's tokenizer often has no template. ChatML (`<|im_start|>role\\n...<|im_end|>`) is
     the fallback. Its turns must end on a token the model can emit and generation stops at, so when
     `<|im_end|>` is not a token of the vocabulary the fallback closes turns with the tokenizer's EOS
-    instead; `<|im_start|>` is then plain text, which is fine for a header. No tokens are added, so
-    the model's embeddings never need resizing.
+    instead (with no EOS either, `<|im_end|>` stays plain text); `<|im_start|>` is then plain text,
+    which is fine for a header. No tokens are added, so the model's embeddings never need resizing.
     """
     if getattr(tokenizer, "chat_template", None):
         return False
