@@ -94,7 +94,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     from chatforge.data.templates import ensure_chat_template
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    p = Path(path)
+    # adapter and checkpoint dirs carry the tokenizer without a model config.json
+    source = str(p) if (p / "tokenizer_config.json").is_file() else resolve_model_path(path)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         # Padding positions are masked out everywhere, so reusing EOS as pad is safe.
         tok.pad_token = tok.eos_token
@@ -156,7 +159,13 @@ def load_model(
 
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
+        except ValueError as e:
+            if "attn_implementation" not in kw or "does not support" not in str(e):
+                raise
+            kw["attn_implementation"] = "eager"  # e.g. BLOOM has no SDPA path
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
     finally:
         hf_logging.enable_progress_bar()
     if quantize_4bit:

@@ -35,6 +35,19 @@ def make_collate(tokenizer, packing: bool):
     return partial(pad_batch, pad_id=tokenizer.pad_token_id)
 
 
+def check_packing(lm) -> None:
+    """Packing needs position ids that restart per example; ALiBi models (BLOOM) take none."""
+    import inspect
+
+    from chatforge.errors import ConfigError
+
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        raise ConfigError(
+            f"data.packing=true is not supported for {base.config.model_type} (no position ids)"
+        )
+
+
 def prepare_items(examples: list, max_length: int, packing: bool) -> list:
     from chatforge.data.collate import pack
 
@@ -51,6 +64,8 @@ def run(cfg: Config) -> str:
         raise ConfigError("data.train is empty: give at least one training file")
     start_run(cfg, "sft")
     model, tok = build_policy(cfg)
+    if cfg.data.packing:
+        check_packing(model.lm)
     build = partial(
         build_sft_examples,
         tokenizer=tok,
