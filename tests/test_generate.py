@@ -2,9 +2,10 @@
 
 import torch
 
+from chatforge.data.templates import stop_token_ids
 from chatforge.models.logprobs import token_logprobs
 from chatforge.models.tiny import tiny_model
-from chatforge.rl.generate import generate, sequence_inputs, stop_token_ids
+from chatforge.rl.generate import generate, sequence_inputs
 
 
 def test_generate_masks_and_greedy_matches_training_forward(tokenizer):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chatforge.data.templates import stop_token_ids
+
 
 @dataclass
 class Generated:
@@ -31,16 +33,6 @@ class Generated:
     stopped: torch.Tensor
     texts: list[str]
     tokens_per_s: float
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the chat template's end-of-turn token when it differs."""
-    ids = {tokenizer.eos_token_id}
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
