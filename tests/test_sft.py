@@ -56,7 +56,8 @@ def test_lora_sft_learns_and_saves_a_peft_adapter(tiny_model_dir, jsonl, tmp_pat
         data,
         tmp_path / "run",
         "peft.method=lora",
-        "train.lr=1e-2",
+        "train.lr=2e-2",
+        "train.scheduler=constant",
         "train.max_steps=30",
         "train.batch_size=8",
         "peft.r=8",
@@ -169,7 +170,8 @@ def test_resume_after_kill_equals_uninterrupted(tiny_model_dir, jsonl, tmp_path)
 
 def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, tmp_path):
     data = jsonl(CHATS)
-    common = ["train.max_steps=3", "peft.method=lora", "train.lr=1e-2"]
+    # dropout off: each rank draws its own masks, so only a deterministic model can match exactly
+    common = ["train.max_steps=3", "peft.method=lora", "train.lr=1e-2", "peft.dropout=0.0"]
     one = _cli(*_args(tiny_model_dir, data, tmp_path / "one", "train.batch_size=4", *common))
     assert one.wait(timeout=300) == 0, one.stderr.read().decode()[-2000:]
     cmd = [

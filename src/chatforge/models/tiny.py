@@ -111,7 +111,10 @@ def tiny_config(model_type: str = "llama", tokenizer=None, **overrides):
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
     )
-    return AutoConfig.for_model(model_type, **{**_TINY_SHAPES[model_type], **ids, **overrides})
+    # Real checkpoints have embeddings large enough for a normed hidden state to reach confident
+    # logits; the 0.02 default keeps a tiny tied head so flat that adapters alone barely learn.
+    init = dict(initializer_range=0.2)
+    return AutoConfig.for_model(model_type, **{**_TINY_SHAPES[model_type], **init, **ids, **overrides})
 
 
 def tiny_model(model_type: str = "llama", tokenizer=None, seed: int = 0, **overrides):

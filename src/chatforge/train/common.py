@@ -12,8 +12,19 @@ from pathlib import Path
 from chatforge.config import Config, save_config
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so adapter initialisation and dropout repeat run to run."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def start_run(cfg: Config, stage: str) -> Path:
-    """Create the output dir and write the effective config (refusing to mix with another stage)."""
+    """Create the output dir, write the effective config and seed every RNG (before models exist)."""
+    seed_everything(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
