@@ -78,3 +78,79 @@ def plan_main(argv: list[str]) -> int:
     flops = scaling.training_flops(shape.n_params, tokens)
     print(f"compute-optimal pretraining budget: {tokens:,} tokens, {flops:.3g} FLOPs")
     return 0
+
+
+def _score_record(record, where: str):
+    """(prompt messages, [response messages, ...]) of a record to score; one response, or two for a pair."""
+    from chatforge.data.formats import to_messages, to_preference
+    from chatforge.errors import DataError
+
+    if isinstance(record, dict) and "chosen" in record:
+        ex = to_preference(record, where)
+        return ex.prompt, [ex.chosen, ex.rejected]
+    if isinstance(record, dict) and "response" in record:
+        record = {**record, "completion": record["response"]}
+        record.pop("response")
+    msgs = to_messages(record, where)
+    cut = len(msgs)
+    while cut > 0 and msgs[cut - 1]["role"] == "assistant":
+        cut -= 1
+    if cut == 0:
+        raise DataError(f"{where}: nothing before the response to use as the prompt")
+    return msgs[:cut], [msgs[cut:]]
+
+
+def score_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="chatforge score",
+        description="Score (prompt, response) records with a reward model (chatforge rm output). Records: "
+        "{prompt, response|completion}, {messages} (the last assistant turn is scored) or "
+        "{prompt?, chosen, rejected} (both are scored).",
+    )
+    p.add_argument("model_dir")
+    p.add_argument("data_file")
+    p.add_argument("--out", help="write the records with their scores to this JSONL file")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=4096)
+    p.add_argument("--normalize", action="store_true", help="(score - reward_mean) / reward_std as saved")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    import json
+
+    from chatforge.data.dataset import load_validated
+    from chatforge.models.load import pick_device
+    from chatforge.reward import load_reward_model, score_texts
+
+    items = load_validated(args.data_file, lambda rec, where: (rec, *_score_record(rec, where)))
+    model, tok, meta = load_reward_model(args.model_dir, device=pick_device(args.device))
+    prompts = [prompt for _, prompt, responses in items for _ in responses]
+    responses = [r for _, _, responses in items for r in responses]
+    flat = score_texts(model, tok, prompts, responses, args.batch_size, args.max_length)
+    if args.normalize:
+        mean, std = float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0)) or 1.0
+        flat = [(s - mean) / std for s in flat]
+    import contextlib
+
+    k, wins = 0, []
+    with open(args.out, "w") if args.out else contextlib.nullcontext() as out_file:
+        for rec, _, responses in items:
+            scores = flat[k : k + len(responses)]
+            k += len(responses)
+            if len(scores) == 2:
+                wins.append(scores[0] > scores[1])
+                fields = {"chosen_score": scores[0], "rejected_score": scores[1]}
+                print(f"{scores[0]:.4f}\t{scores[1]:.4f}")
+            else:
+                fields = {"score": scores[0]}
+                print(f"{scores[0]:.4f}")
+            if out_file:
+                out_file.write(json.dumps({**rec, **fields}, default=str) + "\n")
+    summary = f"{len(flat)} responses scored, mean {sum(flat) / len(flat):.4f}"
+    if wins:
+        summary += f"; chosen scored higher in {sum(wins)}/{len(wins)} pairs"
+    if args.out:
+        summary += f"; written to {args.out}"
+    import sys
+
+    print(summary, file=sys.stderr)
+    return 0
