@@ -99,8 +99,12 @@ class Trainer:
             raise ChatforgeError("nothing to train: the model has no trainable parameters")
         opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         warmup = math.ceil(tcfg.warmup_ratio * total_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg.scheduler, warmup, total_steps))
-        self.model, self.optimizer, self.scheduler = self.acc.prepare(model, opt, sched)
+        # the schedule is not prepared: accelerate would step it once per process, and
+        # total_steps already counts optimizer steps of the global batch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(tcfg.scheduler, warmup, total_steps)
+        )
+        self.model, self.optimizer = self.acc.prepare(model, opt)
         self.step = 0
         self.writer = None
         self._bar = None
