@@ -177,6 +177,9 @@ class GRPOConfig:
     reward_functions: list[str] = opt(["exact_match"], "built-in names or module:function / file.py:function")
     reward_weights: list[float] = opt([], "weights of the reward functions (default 1 each)")
     reward_model: str = opt("", "optional reward model dir added to the rule rewards")
+    reward_model_weight: float = opt(1.0, "weight of the reward model's normalised score")
+    generation_batch_size: int = opt(0, "completions generated per batch; 0 = all of a step at once")
+    samples_every: int = opt(5, "write sample completions to samples.jsonl every N steps; 0 = never")
 
 
 @dataclass

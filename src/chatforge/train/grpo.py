@@ -1,0 +1,292 @@
+"""GRPO, RL without a critic: `chatforge grpo CONFIG.yaml [key=value ...]`.
+
+Each step takes `grpo.prompts_per_step` prompts, samples `grpo.num_generations` answers to each
+(batched, KV cache), scores them (rule functions and/or a reward model), and turns the scores into
+advantages by comparing each answer with the others to its prompt (reward minus the group mean,
+over the group std). The policy then takes `grpo.epochs_per_step` optimizer steps on the PPO
+clipped loss with those per-sequence advantages, plus `grpo.beta` times the k3 KL to the reference
+(the starting model: the adapter switched off with LoRA, a frozen copy with full fine-tuning; none
+at all when beta is 0).
+
+    step:  prompts -> generate -> score -> group advantages -> [policy loss + beta * KL] x epochs
+
+The shared `Trainer` does the optimizer, accumulation (micro-batches of `train.batch_size`
+completions), logging and checkpoints; `train.max_steps` counts GRPO steps and `train.save_every`
+checkpoints every N of them. Logged per step: reward mean/std and per function, KL, clip fraction,
+response length, generation tokens/s and the generate/score/learn time split. Sample completions
+go to OUTPUT/samples.jsonl every `grpo.samples_every` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from chatforge.config import Config
+
+
+@dataclass
+class Scorer:
+    """Rule rewards and/or a reward model -> one total per completion and the parts for logging."""
+
+    rules: object | None  # RuleRewards
+    model: object | None  # ModelReward
+    model_weight: float = 1.0
+
+    def __call__(self, prompts, responses) -> tuple[list[float], dict[str, float]]:
+        """prompts: the PromptItem of each completion; responses: decoded texts."""
+        total = [0.0] * len(responses)
+        means = {}
+        if self.rules is not None:
+            total, parts = self.rules([p.text for p in prompts], responses, [p.answer for p in prompts])
+            for name, values in zip(self.rules.names, parts.values()):
+                means[f"reward/{name}"] = sum(values) / len(values)
+        if self.model is not None:
+            scores = self.model.score_texts([p.messages for p in prompts], responses)
+            means["reward/model"] = sum(scores) / len(scores)
+            total = [t + self.model_weight * s for t, s in zip(total, scores)]
+        return total, means
+
+
+def grpo_loss(model, batch, normalizer, clip_eps: float, beta: float, reduction: str = "token"):
+    """Clipped policy loss on one micro-batch of completions, plus beta * k3 KL to the reference.
+
+    batch: input_ids/attention_mask/position_ids/target_mask (b, P+R), response_mask (b, R),
+    advantages (b, 1), old_logp (b, R) or absent (one pass per step: the policy is the rollout
+    policy, ratio 1 and the gradient of the plain policy gradient), ref_logp (b, R) when beta > 0.
+    """
+    from chatforge.losses.kl import kl_estimate
+    from chatforge.losses.policy import ppo_policy_loss
+    from chatforge.losses.reduce import masked_mean, masked_reduce
+
+    logps, _ = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["target_mask"])
+    rmask = batch["response_mask"]
+    logp = logps[:, -rmask.shape[1] :]
+    old = batch.get("old_logp")
+    old = logp.detach() if old is None else old
+    loss, metrics = ppo_policy_loss(logp, old, batch["advantages"], rmask, clip_eps, reduction, normalizer)
+    if beta:
+        kl = kl_estimate(logp, batch["ref_logp"], "k3")
+        loss = loss + beta * masked_reduce(kl, rmask, reduction, normalizer)
+        metrics["kl"] = masked_mean(kl.detach(), rmask)
+    return loss, metrics
+
+
+def grpo_units(batch, reduction: str = "token") -> int:
+    from chatforge.losses.reduce import count_units
+
+    return count_units(batch["response_mask"], reduction)
+
+
+def reference_context(policy, ref):
+    """`(context manager, model)` that gives reference log-probs: adapter off, or the frozen copy."""
+    if ref is not None:
+        return contextlib.nullcontext(), ref
+    return policy.lm.disable_adapter(), policy
+
+
+def sequence_logprobs(model, micro_batches, ctx=None) -> list:
+    """No-grad response log-probs (b, R) per micro-batch, by the training forward path."""
+    import torch
+
+    out = []
+    with torch.no_grad(), ctx or contextlib.nullcontext():
+        for b in micro_batches:
+            logps, _ = model(b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"])
+            out.append(logps[:, -b["response_mask"].shape[1] :].float())
+    return out
+
+
+def micro_batches(gen, advantages, size: int, device) -> list[dict]:
+    """Split a step's completions into training micro-batches of `size` (prompt+response rows)."""
+    import torch
+
+    from chatforge.rl.generate import sequence_inputs
+
+    ids, mask, positions = sequence_inputs(gen)
+    target = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], 1)
+    out = []
+    for s in range(0, ids.shape[0], size):
+        sl = slice(s, s + size)
+        rmask = gen.response_mask[sl]
+        # drop columns that are padding in every row: prompt pads on the left, response pads on the right
+        lo = int(gen.prompt_mask[sl].argmax(1).min())
+        width = max(int(rmask.sum(1).max()), 1)
+        cols = slice(lo, gen.prompt_ids.shape[1] + width)
+        batch = {
+            "input_ids": ids[sl, cols],
+            "attention_mask": mask[sl, cols],
+            "position_ids": positions[sl, cols],
+            "target_mask": target[sl, cols],
+            "response_mask": rmask[:, :width],
+            "advantages": advantages[sl, None],
+            "num_tokens": int(mask[sl].sum()),
+        }
+        out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    return out
+
+
+def total_steps(cfg: Config, n_prompts: int) -> int:
+    """GRPO steps: train.max_steps, else train.epochs passes over the prompts."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * (n_prompts // cfg.grpo.prompts_per_step)))
+
+
+def build_scorer(cfg: Config, items, device) -> Scorer:
+    from chatforge.data.prompts import require_answers
+    from chatforge.errors import ConfigError
+    from chatforge.rl.rewards import ModelReward, RuleRewards
+
+    g = cfg.grpo
+    if not g.reward_functions and not g.reward_model:
+        raise ConfigError("grpo needs a reward: set grpo.reward_functions and/or grpo.reward_model")
+    rules = RuleRewards(g.reward_functions, g.reward_weights) if g.reward_functions else None
+    if rules is not None and rules.needs_answers:
+        require_answers(items, ", ".join(rules.needs_answers))
+    model = None
+    if g.reward_model:
+        model = ModelReward.from_dir(g.reward_model, device=device, max_length=cfg.data.max_length)
+    return Scorer(rules, model, g.reward_model_weight)
+
+
+def load_reference(cfg: Config, device):
+    """The frozen reference for full fine-tuning (None with adapters: switching them off is the reference)."""
+    from chatforge.models.heads import disable_dropout
+    from chatforge.models.load import load_model, resolve_dtype
+    from chatforge.models.logprobs import LogprobModel
+
+    if cfg.grpo.beta == 0 or cfg.peft.method != "none":
+        return None
+    dtype = resolve_dtype(cfg.model.dtype, device, full_finetune=False)
+    lm = load_model(
+        cfg.model.path, dtype=dtype, device=device, attn_implementation=cfg.model.attn_implementation
+    )
+    lm.eval().requires_grad_(False)
+    disable_dropout(lm)
+    return LogprobModel(lm)
+
+
+def run(cfg: Config) -> str:
+    import torch
+
+    from chatforge.data.prompts import build_prompt_examples, prompt_budget, prompts_for_step
+    from chatforge.errors import ConfigError
+    from chatforge.models.heads import disable_dropout
+    from chatforge.models.load import load_tokenizer, pick_device
+    from chatforge.rl.advantages import group_advantages
+    from chatforge.rl.generate import generate
+    from chatforge.train.common import build_policy, log, save_lm, start_run
+    from chatforge.train.loop import Trainer, _truncate_metrics
+
+    g, gen_cfg = cfg.grpo, cfg.generate
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give at least one prompt file")
+    if g.prompts_per_step < 1 or g.epochs_per_step < 1:
+        raise ConfigError("grpo.prompts_per_step and grpo.epochs_per_step must be at least 1")
+    out = start_run(cfg, "grpo")
+    # prompts and rewards are checked before any model loads: a bad record fails in seconds
+    items, report = build_prompt_examples(
+        cfg.data.train,
+        load_tokenizer(cfg.model.path, cfg.model.trust_remote_code),
+        prompt_budget(cfg.data.max_length, gen_cfg.max_new_tokens),
+    )
+    log(f"prompts: {report.summary()}")
+    device = pick_device(cfg.train.device)
+    scorer = build_scorer(cfg, items, device)
+    policy, tok = build_policy(cfg, dropout=0.0)
+    disable_dropout(policy.lm)
+    ref = load_reference(cfg, device)
+    log(
+        "reference: "
+        + ("none (grpo.beta=0)" if g.beta == 0 else "frozen copy" if ref is not None else "adapter disabled")
+    )
+    steps = total_steps(cfg, len(items))
+    trainer = Trainer(policy, cfg.train, steps * g.epochs_per_step)
+    start = 0
+    if cfg.train.resume and (state := trainer.resume()) is not None:
+        start = state["grpo_step"]
+        _truncate_metrics(out / "samples.jsonl", trainer.step)
+        log(f"resumed from GRPO step {start}")
+    reduction = cfg.train.loss_reduction
+    loss_fn = partial(grpo_loss, clip_eps=g.clip_eps, beta=g.beta, reduction=reduction)
+    units_fn = partial(grpo_units, reduction=reduction)
+    model = trainer.acc.unwrap_model(trainer.model)
+    bar = trainer.progress(initial=start * g.epochs_per_step, desc="grpo")
+    try:
+        for step in range(start, steps):
+            batch = prompts_for_step(items, step, g.prompts_per_step, cfg.train.seed)
+            group = [p for p in batch for _ in range(g.num_generations)]  # a prompt's answers adjacent
+            t0 = time.perf_counter()
+            gen = generate(
+                model.lm,
+                tok,
+                [p.ids for p in group],
+                gen_cfg.max_new_tokens,
+                gen_cfg.temperature,
+                gen_cfg.top_p,
+                gen_cfg.top_k,
+                batch_size=g.generation_batch_size or None,
+            )
+            t1 = time.perf_counter()
+            rewards, parts = scorer(group, gen.texts)
+            rewards_t = torch.tensor(rewards, dtype=torch.float32)
+            adv = group_advantages(rewards_t, g.num_generations, scale=g.scale_rewards)
+            t2 = time.perf_counter()
+            micro = micro_batches(gen, adv, cfg.train.batch_size, trainer.acc.device)
+            if g.beta:
+                ctx, ref_model = reference_context(model, ref)
+                with trainer.acc.autocast():
+                    for b, lp in zip(micro, sequence_logprobs(ref_model, micro, ctx)):
+                        b["ref_logp"] = lp
+            if g.epochs_per_step > 1:
+                with trainer.acc.autocast():
+                    for b, lp in zip(micro, sequence_logprobs(model, micro)):
+                        b["old_logp"] = lp
+            learned = {}
+            for _ in range(g.epochs_per_step):
+                learned = trainer.train_step(micro, loss_fn, units_fn)
+                bar.update(1)
+            t3 = time.perf_counter()
+            lengths = gen.response_mask.sum(1).float()
+            metrics = {
+                **learned,
+                "grpo_step": step + 1,
+                "reward": float(rewards_t.mean()),
+                "reward_std": float(rewards_t.std()) if len(rewards) > 1 else 0.0,
+                **parts,
+                "response_length": float(lengths.mean()),
+                "stopped_frac": float(gen.stopped.float().mean()),
+                "gen_tokens_per_s": round(gen.tokens_per_s, 1),
+                "time/generate": round(t1 - t0, 3),
+                "time/score": round(t2 - t1, 3),
+                "time/learn": round(t3 - t2, 3),
+            }
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                trainer.log(metrics)
+            if g.samples_every and (step + 1) % g.samples_every == 0 and trainer.is_main:
+                write_samples(
+                    out / "samples.jsonl", trainer.step, group, gen.texts, rewards, g.num_generations
+                )
+            if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == steps:
+                trainer.save_checkpoint({"grpo_step": step + 1})
+    finally:
+        trainer.close()
+    final = save_lm(trainer, trainer.model, tok)
+    log(f"done: {final}")
+    return str(final)
+
+
+def write_samples(path: Path, step: int, prompts, texts, rewards, group_size: int, groups: int = 2) -> None:
+    """A few prompts with all their answers and rewards, one JSON line per completion."""
+    with open(path, "a") as f:
+        for i in range(min(len(texts), groups * group_size)):
+            rec = {"step": step, "prompt": prompts[i].text, "response": texts[i], "reward": rewards[i]}
+            if prompts[i].answer is not None:
+                rec["answer"] = prompts[i].answer
+            f.write(json.dumps(rec) + "\n")

@@ -1,0 +1,189 @@
+"""GRPO end to end on a tiny model: the reward rises, beta=0 holds no reference, resume is exact."""
+
+import json
+
+import pytest
+import torch
+
+from chatforge.config import load_config
+from chatforge.errors import ChatforgeError, DataError
+from chatforge.train import grpo
+
+PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
+# reward: the response contains the character "7" (a few byte-level tokens of the tiny vocabulary)
+REWARD = "def has_seven(prompts, responses, answers):\n    return [float('7' in r) for r in responses]\n"
+TIMING = ("time/", "tokens_per_s", "gen_tokens_per_s")
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def config(model_dir, data, out, reward, *overrides):
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train=[{data}]",
+            f"train.output_dir={out}",
+            f"grpo.reward_functions=[{reward}]",
+            "train.progress=false",
+            "train.warmup_ratio=0",
+            "train.scheduler=constant",
+            "train.lr=2e-2",
+            "model.dtype=float32",
+            "train.mixed_precision=none",
+            "peft.r=8",
+            "data.max_length=96",
+            "generate.max_new_tokens=12",
+            "grpo.prompts_per_step=2",
+            "grpo.num_generations=8",
+            "train.batch_size=16",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text(REWARD)
+    return f"{path}:has_seven"
+
+
+def test_rule_reward_rises_and_everything_is_logged(tiny_model_dir, jsonl, reward_file, tmp_path):
+    out = tmp_path / "run"
+    final = grpo.run(config(tiny_model_dir, jsonl(PROMPTS), out, reward_file, "train.max_steps=20"))
+    rows = metrics(out)
+    rewards = [r["reward"] for r in rows]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
+    assert first < 0.35 and last > first + 0.4, rewards
+    want = {"loss", "reward", "reward_std", "reward/has_seven", "kl", "clip_frac", "response_length"}
+    want |= {"gen_tokens_per_s", "time/generate", "time/score", "time/learn", "grpo_step"}
+    assert want <= set(rows[-1])
+    assert rows[-1]["kl"] > 0  # the adapter moved away from the reference (adapter disabled)
+    assert (out / "final" / "adapter_config.json").is_file() and final == str(out / "final")
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {"step", "prompt", "response", "reward", "answer"} <= set(samples[0])
+
+
+@pytest.mark.parametrize(
+    "method, beta, loads, ref_calls", [("none", 0.0, 1, 0), ("none", 0.1, 2, 2), ("lora", 0.0, 1, 0)]
+)
+def test_beta_zero_holds_and_computes_no_reference(
+    tiny_model_dir, jsonl, reward_file, tmp_path, monkeypatch, method, beta, loads, ref_calls
+):
+    import chatforge.models.load as load
+
+    counts = {"load": 0, "ref": 0}
+    real_load, real_ref = load.load_model, grpo.reference_context
+
+    def counting_load(*a, **k):
+        counts["load"] += 1
+        return real_load(*a, **k)
+
+    def counting_ref(*a, **k):
+        counts["ref"] += 1
+        return real_ref(*a, **k)
+
+    monkeypatch.setattr(load, "load_model", counting_load)
+    monkeypatch.setattr(grpo, "reference_context", counting_ref)
+    out = tmp_path / "run"
+    cfg = config(
+        tiny_model_dir,
+        jsonl(PROMPTS),
+        out,
+        reward_file,
+        "train.max_steps=2",
+        f"peft.method={method}",
+        f"grpo.beta={beta}",
+        "grpo.epochs_per_step=2",
+        "train.lr=1e-3",
+    )
+    grpo.run(cfg)
+    assert (counts["load"], counts["ref"]) == (loads, ref_calls)
+    rows = metrics(out)
+    assert ("kl" in rows[-1]) == (beta > 0)
+    assert len(rows) == 2 and rows[-1]["step"] == 4  # 2 GRPO steps x 2 optimizer steps each
+
+
+def test_resume_after_a_crash_is_exact(tiny_model_dir, jsonl, reward_file, tmp_path):
+    data = jsonl(PROMPTS)
+    common = ("train.max_steps=4", "train.save_every=2", "grpo.epochs_per_step=2", "grpo.beta=0.05")
+    grpo.run(config(tiny_model_dir, data, tmp_path / "a", reward_file, *common))
+
+    crash = tmp_path / "crash" / "rewards.py"
+    crash.parent.mkdir()
+    crash.write_text(
+        "calls = 0\n"
+        "def has_seven(prompts, responses, answers):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if calls == 3:\n"
+        "        raise RuntimeError('disk full')\n"
+        "    return [float('7' in r) for r in responses]\n"
+    )
+    b = tmp_path / "b"
+    with pytest.raises(ChatforgeError, match="raised RuntimeError: disk full"):
+        grpo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common))
+    assert [r["grpo_step"] for r in metrics(b)] == [1, 2]
+    grpo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common, "train.resume=true"))
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+    got, want = strip(metrics(b)), strip(metrics(tmp_path / "a"))
+    assert [r["grpo_step"] for r in got] == [1, 2, 3, 4]
+    assert got == want
+
+
+def test_bad_prompts_and_missing_answers_fail_before_any_model_loads(
+    tiny_model_dir, jsonl, reward_file, tmp_path, monkeypatch
+):
+    import chatforge.models.load as load
+
+    monkeypatch.setattr(load, "load_model", None)  # any model load would fail with a TypeError
+    bad = jsonl([{"prompt": "ok"}, {"messages": [{"role": "assistant", "content": "hi"}]}], "bad.jsonl")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: messages must end with a user turn"):
+        grpo.run(config(tiny_model_dir, bad, tmp_path / "r", reward_file))
+    no_answer = jsonl([{"prompt": "a", "answer": "1"}, {"prompt": "b"}], "na.jsonl")
+    with pytest.raises(DataError, match=r"na.jsonl:2: answer is missing; exact_match needs"):
+        grpo.run(config(tiny_model_dir, no_answer, tmp_path / "r", "exact_match"))
+
+
+class _FixedLogps(torch.nn.Module):
+    """Stands in for a LogprobModel: returns given log-probs (B, T-1) whatever the input."""
+
+    def __init__(self, logps):
+        super().__init__()
+        self.logps = torch.nn.Parameter(logps)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, target_mask=None):
+        return self.logps, None
+
+
+def test_grpo_loss_by_hand():
+    # 2 completions, response length 2 (the last two columns), second one has one token
+    logps = torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, -3.0]])
+    model = _FixedLogps(logps.clone())
+    batch = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "attention_mask": torch.ones(2, 4),
+        "position_ids": None,
+        "target_mask": None,
+        "response_mask": torch.tensor([[1, 1], [1, 0]]),
+        "advantages": torch.tensor([[1.0], [-1.0]]),
+        "ref_logp": torch.tensor([[-1.0, -2.0], [-0.5, -3.0]]),
+    }
+    loss, m = grpo.grpo_loss(model, batch, None, clip_eps=0.2, beta=0.0)
+    # ratio 1: token mean of -A over the 3 response tokens = -(1 + 1 - 1) / 3
+    assert float(loss.detach()) == pytest.approx(-1 / 3)
+    loss.backward()
+    # d/dlogp of -A * ratio / 3 at ratio 1 is -A / 3 on response tokens, 0 elsewhere
+    want = torch.tensor([[0.0, -1 / 3, -1 / 3], [0.0, 1 / 3, 0.0]])
+    assert torch.allclose(model.logps.grad, want)
+    batch["ref_logp"] = torch.tensor([[-1.0, -1.0], [-0.5, -3.0]])  # differs on one token by r = 1
+    loss_kl, m = grpo.grpo_loss(model, batch, None, clip_eps=0.2, beta=0.5)
+    k3 = torch.e - 1 - 1  # e^r - 1 - r with r = ref - logp = 1
+    assert float(m["kl"]) == pytest.approx(k3 / 3)
+    assert float(loss_kl.detach()) == pytest.approx(-1 / 3 + 0.5 * k3 / 3)
