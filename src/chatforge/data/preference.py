@@ -11,7 +11,6 @@ and pairs whose responses become identical once cut to max_length.
 `collate_pairs` puts the B chosen rows first and the B rejected rows after them in ONE (2B, T)
 batch, so a single forward pass scores both sides (the same numbers as two separate forwards).
 
-    >>> from chatforge.models.tiny import tiny_tokenizer
     >>> ex = {"prompt_len": 2, "chosen_ids": [5, 6, 7], "rejected_ids": [5, 6, 8, 9], "margin": None}
     >>> b = collate_pairs([ex], pad_id=0)
     >>> b["input_ids"].tolist(), b["labels"].tolist(), b["margin"].tolist()

@@ -1,0 +1,184 @@
+"""Reward-model stage on a tiny model: learns a separable preference, saves the promised format,
+loads back for scoring, `chatforge score` prints and writes scores, full fine-tuning, exact resume."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from chatforge.cli import main
+from chatforge.config import load_config
+from chatforge.train import reward
+
+WORDS = ["apples", "fox", "dog", "sea", "Paris", "haiku", "JSON", "meters", "case", "answer", "world", "time"]
+
+
+def pairs(lo: int, hi: int) -> list[dict]:
+    """The chosen reply always contains 'yes', the rejected one 'no' (same text otherwise)."""
+    out = []
+    for i in range(lo, hi):
+        a, b = WORDS[i % len(WORDS)], WORDS[(i * 5 + 1) % len(WORDS)]
+        out.append(
+            {"prompt": f"Tell me about {a} and {b}.", "chosen": f"{b} {a} yes", "rejected": f"{b} {a} no"}
+        )
+    return out
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_rm(model_dir, data, out, *overrides):
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train=[{data}]",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "model.dtype=float32",
+            "train.mixed_precision=none",
+            "train.warmup_ratio=0",
+            "train.batch_size=4",
+            "train.lr=2e-2",
+            *overrides,
+        ],
+    )
+    return reward.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rm")
+    train = tmp / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in pairs(0, 48)))
+    held = tmp / "eval.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in pairs(48, 64)))
+    final = run_rm(
+        tiny_model_dir, train, tmp / "run", f"data.eval=[{held}]", "train.max_steps=20", "rm.center_coef=0.01"
+    )
+    return Path(final), tmp / "run", held
+
+
+def test_reward_model_separates_held_out_pairs(trained):
+    final, out, _ = trained
+    last = metrics(out)[-1]
+    assert last["eval/rewards/accuracy"] > 0.9
+    assert last["eval/rewards/margin"] > 0
+    assert {"eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "rewards/accuracy"} <= set(last)
+    assert metrics(out)[-1]["loss"] < metrics(out)[0]["loss"]
+
+
+def test_reward_model_learns_the_opposite_preference_too(tiny_model_dir, jsonl, tmp_path):
+    """An untrained head orders every pair the same way; only learning separates both directions."""
+    flip = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in pairs(0, 64)]
+    run_rm(
+        tiny_model_dir,
+        jsonl(flip[:48]),
+        tmp_path,
+        f"data.eval=[{jsonl(flip[48:], 'eval.jsonl')}]",
+        "train.max_steps=15",
+    )
+    assert metrics(tmp_path)[-1]["eval/rewards/accuracy"] > 0.9
+
+
+def test_final_dir_is_a_peft_adapter_plus_score_head(trained, tiny_model_dir):
+    final, _, _ = trained
+    assert (final / "adapter_config.json").is_file() and (final / "tokenizer_config.json").is_file()
+    meta = json.loads((final / "score_head.json").read_text())
+    assert meta["eval_accuracy"] > 0.9 and meta["stats_on"] == "eval" and meta["pairs"] == 16
+    assert meta["base_model"] == str(Path(tiny_model_dir)) and meta["reward_std"] > 0
+    assert {"reward_mean", "reward_std", "eval_accuracy", "base_model"} <= set(meta)
+    assert (final / "score_head.safetensors").is_file()
+
+
+def test_load_reward_model_scores_like_training(trained):
+    import torch
+
+    from chatforge.reward import load_reward_model, score_texts
+
+    final, _, held = trained
+    model, tok, meta = load_reward_model(final, device="cpu")
+    records = [json.loads(line) for line in held.read_text().splitlines()]
+    prompts = [r["prompt"] for r in records] * 2
+    responses = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    scores = torch.tensor(score_texts(model, tok, prompts, responses, batch_size=5))
+    n = len(records)
+    assert (scores[:n] > scores[n:]).float().mean() == pytest.approx(meta["eval_accuracy"])
+    assert float(scores.mean()) == pytest.approx(meta["reward_mean"], rel=1e-4, abs=1e-4)
+    as_messages = score_texts(model, tok, [[{"role": "user", "content": prompts[0]}]], [responses[0]])
+    assert as_messages[0] == pytest.approx(float(scores[0]), abs=1e-5)
+
+
+def test_score_cli_prints_and_writes_jsonl(trained, jsonl, capsys, tmp_path):
+    final, _, _ = trained
+    data = jsonl(
+        [
+            {"prompt": "Tell me about fox and sea.", "response": "sea fox yes"},
+            {
+                "messages": [
+                    {"role": "user", "content": "Tell me about dog."},
+                    {"role": "assistant", "content": "dog no"},
+                ]
+            },
+            pairs(0, 1)[0],
+        ]
+    )
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(final), data, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    lines = printed.out.strip().splitlines()
+    assert len(lines) == 3 and len(lines[2].split("\t")) == 2
+    assert "4 responses scored" in printed.err and "1/1 pairs" in printed.err
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert float(lines[0]) == pytest.approx(written[0]["score"], abs=1e-4)
+    assert written[0]["response"] == "sea fox yes" and "score" in written[1]
+    assert written[2]["chosen_score"] > written[2]["rejected_score"]
+
+
+def test_score_cli_bad_record_names_file_and_line(trained, jsonl, capsys):
+    final, _, _ = trained
+    data = jsonl([{"prompt": "hi", "response": "yes"}, {"prompt": "hi"}])
+    assert main(["score", str(final), data]) == 2
+    assert f"{data}:2: completion is missing" in capsys.readouterr().err
+
+
+def test_full_finetune_reward_model_saves_a_model_dir(tiny_model_dir, jsonl, tmp_path):
+    from chatforge.reward import load_reward_model, score_texts
+
+    final = Path(
+        run_rm(
+            tiny_model_dir,
+            jsonl(pairs(0, 8)),
+            tmp_path,
+            "peft.method=none",
+            "train.max_steps=2",
+            "train.lr=1e-3",
+        )
+    )
+    assert (final / "config.json").is_file() and (final / "score_head.safetensors").is_file()
+    meta = json.loads((final / "score_head.json").read_text())
+    assert meta["stats_on"] == "train" and meta["peft_method"] == "none"
+    model, tok, _ = load_reward_model(final, device="cpu")
+    assert len(score_texts(model, tok, ["hi"], ["there"])) == 1
+
+
+def test_resume_equals_uninterrupted(tiny_model_dir, jsonl, tmp_path):
+    data = jsonl(pairs(0, 16))
+    args = ("train.max_steps=6", "train.save_every=3", "train.keep_last=5", "train.lr=1e-2")
+    run_rm(tiny_model_dir, data, tmp_path / "full", *args)
+    # as if killed after the step-3 checkpoint
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-6")
+    shutil.rmtree(tmp_path / "part" / "final")
+    run_rm(tiny_model_dir, data, tmp_path / "part", *args, "train.resume=true")
+    want = {m["step"]: m for m in metrics(tmp_path / "full")}
+    got = {m["step"]: m for m in metrics(tmp_path / "part")}
+    assert sorted(got) == list(range(1, 7))
+    for step in (4, 5, 6):
+        for key in ("loss", "rewards/margin"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)
+    a = json.loads((tmp_path / "full" / "final" / "score_head.json").read_text())
+    b = json.loads((tmp_path / "part" / "final" / "score_head.json").read_text())
+    assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-5, abs=1e-6)
