@@ -1,0 +1,378 @@
+"""The run report: `RUN/report.md` and a self-contained `RUN/report.html` (plots embedded as base64).
+
+`write_report(RUN)` reads only what the pipeline left on disk, so it can be re-run at any time
+(`python -m chatforge.report RUN`):
+
+    RUN/config.yaml                the exact config, shown at the end
+    RUN/eval/<label>.json          held-out answers, exact accuracy (+ reward) per model: base, sft, ppo...
+    RUN/eval/rm.json               reward-model pair accuracy on held-out pairs
+    RUN/<stage>/done               wall time, peak memory, final dir of each finished stage
+    RUN/<stage>/metrics.jsonl      training curves: loss, reward, KL, accuracy, tokens/s
+
+Plots are PNGs drawn with matplotlib's headless Agg backend into `RUN/plots/`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import sys
+from pathlib import Path
+
+# Curve groups: a metric key joins the first group whose test it passes.
+CURVES = [
+    ("loss", lambda k: k == "loss" or k.endswith("/loss") or k.endswith("_loss")),
+    ("reward", lambda k: "reward" in k and "std" not in k and "/rejected" not in k),
+    ("KL", lambda k: "kl" in k.lower() and "coef" not in k),
+    ("accuracy", lambda k: "acc" in k),
+]
+LABEL_ORDER = ["base", "pretrain", "sft", "dpo", "ppo", "grpo"]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (a torn last line from a crash is skipped)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def stages_of(run: Path) -> list[str]:
+    """Stage folders in pipeline order (from config.yaml), else those found on disk."""
+    cfg = _config(run)
+    listed = list((cfg.get("pipeline") or {}).get("stages") or [])
+    found = [
+        p.name for p in sorted(run.iterdir()) if (p / "metrics.jsonl").is_file() or (p / "done").is_file()
+    ]
+    return [s for s in listed if (run / s).is_dir()] + [s for s in found if s not in listed]
+
+
+def _config(run: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def evaluations(run: Path) -> dict[str, dict]:
+    """label -> eval result, in pipeline order (base first)."""
+    found = {p.stem: _read_json(p) for p in (run / "eval").glob("*.json") if p.stem != "rm"}
+    found = {k: v for k, v in found.items() if v and "exact" in v}
+    rank = {label: i for i, label in enumerate(LABEL_ORDER)}
+    return dict(sorted(found.items(), key=lambda kv: (rank.get(kv[0], 99), kv[0])))
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+def plot_stage(rows: list[dict], title: str, out: Path) -> Path | None:
+    """One PNG with a panel per curve group found in `rows`; None when there is nothing to draw."""
+    groups = []
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
+    for name, test in CURVES:
+        members = [k for k in keys if test(k) and not any(k in g for _, g in groups)]
+        if members:
+            groups.append((name, members[:6]))
+    if not groups:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
+    for ax, (name, members) in zip(axes[0], groups):
+        for k in members:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and "step" in r]
+            pts = [(s, v) for s, v in pts if math.isfinite(v)]
+            if pts:
+                style = "o-" if len(pts) < 12 else "-"
+                ax.plot(*zip(*pts), style, label=k, markersize=3, linewidth=1.2)
+        ax.set_title(f"{title}: {name}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy(evals: dict[str, dict], out: Path) -> Path | None:
+    """Held-out accuracy per model with 2-standard-error bars."""
+    if not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(evals)
+    acc = [evals[k]["exact"]["accuracy"] for k in labels]
+    err = [2 * evals[k]["exact"]["stderr"] for k in labels]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(labels), 3.2))
+    ax.bar(labels, acc, yerr=err, capsize=4, color="#4c72b0")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out exact accuracy")
+    ax.set_title("accuracy after each stage (bars: ±2 s.e.)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+# ---- content -------------------------------------------------------------------------------------
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def build(run: Path) -> list[tuple]:
+    """The report as blocks: ("h", level, text), ("p", text), ("table", head, rows), ("img", path),
+    ("pre", text)."""
+    blocks: list[tuple] = [("h", 1, f"chatforge run report: {run.name}")]
+    cfg = _config(run)
+    stages = stages_of(run)
+    evals = evaluations(run)
+    rm = _read_json(run / "eval" / "rm.json")
+    blocks.append(("p", f"Stages: {' -> '.join(stages) or '(none yet)'}. Run folder: `{run}`."))
+
+    blocks.append(("h", 2, "Held-out results"))
+    if evals:
+        rows = []
+        prev = None
+        for label, e in evals.items():
+            x = e["exact"]
+            gap = "-"
+            if prev is not None:
+                noise = math.sqrt(prev["stderr"] ** 2 + x["stderr"] ** 2)
+                delta = x["accuracy"] - prev["accuracy"]
+                gap = f"{delta:+.3f} ({delta / noise:+.1f} s.e.)" if noise else f"{delta:+.3f}"
+            reward = (e.get("reward") or {}).get("mean")
+            rows.append(
+                [
+                    label,
+                    f"{x['accuracy']:.3f} ± {x['stderr']:.3f}",
+                    f"{x['correct']}/{x['n']}",
+                    gap,
+                    _fmt(reward),
+                    _fmt(e.get("generate_tokens_per_s"), 1),
+                ]
+            )
+            prev = x
+        head = [
+            "model",
+            "exact accuracy ± s.e.",
+            "correct",
+            "change vs previous",
+            "mean RM score",
+            "gen tok/s",
+        ]
+        blocks.append(("table", head, rows))
+        n = next(iter(evals.values()))["exact"]["n"]
+        blocks.append(
+            (
+                "p",
+                f"{n} held-out items (greedy decoding); ± is the binomial standard error sqrt(p(1-p)/n), "
+                "about 0.035 at p=0.5 with 200 items. A change is beyond sampling noise when it exceeds "
+                "about 2 standard errors of the difference (the s.e. column of 'change').",
+            )
+        )
+        tasks = sorted({t for e in evals.values() for t in e["exact"].get("per_task", {})})
+        if len(tasks) > 1:
+            rows = [
+                [label, *[_fmt(e["exact"]["per_task"].get(t, {}).get("accuracy")) for t in tasks]]
+                for label, e in evals.items()
+            ]
+            blocks.append(("table", ["model", *tasks], rows))
+        img = plot_accuracy(evals, run / "plots" / "accuracy.png")
+        if img:
+            blocks.append(("img", img))
+    else:
+        blocks.append(("p", "No evaluation yet (set pipeline.task or pipeline.eval_data)."))
+    if rm:
+        blocks.append(
+            (
+                "p",
+                f"Reward model: held-out pair accuracy {rm['pair_accuracy']:.3f} "
+                f"± {math.sqrt(rm['pair_accuracy'] * (1 - rm['pair_accuracy']) / max(rm['n'], 1)):.3f} "
+                f"on {rm['n']} pairs it never trained on (chosen scored above rejected).",
+            )
+        )
+
+    blocks.append(("h", 2, "Stages: time, memory, throughput"))
+    rows = []
+    for stage in stages:
+        done = _read_json(run / stage / "done") or {}
+        metrics = read_metrics(run / stage / "metrics.jsonl")
+        train_rows = [r for r in metrics if "tokens_per_s" in r]
+        steps = max((r.get("step", 0) for r in metrics), default=0)
+        status = "done" if done else "interrupted / running"
+        if done.get("resumed"):
+            status += " (resumed)"
+        rows.append(
+            [
+                stage,
+                status,
+                str(steps),
+                _fmt(done.get("wall_s"), 0),
+                _fmt(done.get("peak_rss_gib"), 2),
+                _fmt(_mean([r["tokens_per_s"] for r in train_rows]), 0),
+                _fmt(_mean([r.get("gen_tokens_per_s") for r in metrics]), 0),
+            ]
+        )
+    head = ["stage", "status", "steps", "wall s", "peak RSS GiB", "train tok/s", "gen tok/s"]
+    blocks.append(("table", head, rows))
+    eval_wall = sum(e.get("wall_s") or 0 for e in evals.values())
+    total = sum((_read_json(run / s / "done") or {}).get("wall_s") or 0 for s in stages)
+    blocks.append(
+        (
+            "p",
+            f"Training wall time {total:.0f} s; evaluation wall time {eval_wall:.0f} s. Peak memory is "
+            "the process's peak resident set during the stage (GPU peak too when on a GPU).",
+        )
+    )
+
+    curves = [
+        (s, plot_stage(read_metrics(run / s / "metrics.jsonl"), s, run / "plots" / f"{s}.png"))
+        for s in stages
+    ]
+    if any(img for _, img in curves):
+        blocks.append(("h", 2, "Training curves"))
+        blocks += [("img", img) for _, img in curves if img]
+
+    samples = int((cfg.get("pipeline") or {}).get("samples", 6))
+    if len(evals) > 1 and samples:
+        first, last = list(evals)[0], list(evals)[-1]
+        a, b = evals[first], evals[last]
+        items = _eval_items(a.get("data"))
+        # Prefer items whose correctness changed, then the rest, in file order.
+        order = sorted(
+            range(min(len(a["responses"]), len(b["responses"]))),
+            key=lambda i: a["exact"]["is_correct"][i] == b["exact"]["is_correct"][i],
+        )
+        rows = []
+        for i in order[:samples]:
+            prompt, answer = items[i] if i < len(items) else ("?", "?")
+            rows.append([prompt, answer, _marked(a, i), _marked(b, i)])
+        blocks.append(("h", 2, f"Sample answers: {first} vs {last}"))
+        blocks.append(("table", ["prompt", "expected", first, last], rows))
+
+    if cfg:
+        import yaml
+
+        blocks.append(("h", 2, "Exact config"))
+        blocks.append(("pre", yaml.safe_dump(cfg, sort_keys=False)))
+    return blocks
+
+
+def _marked(result: dict, i: int) -> str:
+    return ("✓ " if result["exact"]["is_correct"][i] else "✗ ") + result["responses"][i]
+
+
+def _eval_items(path: str | None) -> list[tuple[str, str]]:
+    """(last user message, expected answer) of each eval record, in file order."""
+    out = []
+    if path and Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            p = rec.get("prompt", rec.get("messages"))
+            text = p if isinstance(p, str) else (p[-1].get("content", "") if p else "")
+            out.append((text, str(rec.get("answer", ""))))
+    return out
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: list[tuple], run: Path) -> str:
+    out = []
+    for b in blocks:
+        if b[0] == "h":
+            out.append(f"{'#' * b[1]} {b[2]}\n")
+        elif b[0] == "p":
+            out.append(f"{b[1]}\n")
+        elif b[0] == "table":
+            out.append("| " + " | ".join(map(_md_cell, b[1])) + " |")
+            out.append("|" + "---|" * len(b[1]))
+            out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in b[2]]
+            out.append("")
+        elif b[0] == "img":
+            out.append(f"![{b[1].stem}]({b[1].relative_to(run)})\n")
+        elif b[0] == "pre":
+            out.append(f"```yaml\n{b[1]}```\n")
+    return "\n".join(out)
+
+
+def to_html(blocks: list[tuple]) -> str:
+    e = html.escape
+    body = []
+    for b in blocks:
+        if b[0] == "h":
+            body.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+        elif b[0] == "p":
+            body.append(f"<p>{e(b[1])}</p>")
+        elif b[0] == "table":
+            head = "".join(f"<th>{e(str(c))}</th>" for c in b[1])
+            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
+            body.append(f"<table><tr>{head}</tr>{rows}</table>")
+        elif b[0] == "img":
+            data = base64.b64encode(b[1].read_bytes()).decode()
+            body.append(f'<img alt="{e(b[1].stem)}" src="data:image/png;base64,{data}">')
+        elif b[0] == "pre":
+            body.append(f"<pre>{e(b[1])}</pre>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "font-size:13px;text-align:left}img{max-width:100%;display:block;margin:1em 0}"
+        "pre{background:#f6f6f6;padding:1em;font-size:12px;overflow:auto}"
+    )
+    return (
+        '<!doctype html><html><head><meta charset="utf-8"><title>chatforge report</title>'
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+
+
+def write_report(run: str | Path) -> Path:
+    """Write RUN/report.md and RUN/report.html (atomically); returns the .md path."""
+    run = Path(run)
+    blocks = build(run)
+    md, page = run / "report.md", run / "report.html"
+    for path, text in ((md, to_markdown(blocks, run)), (page, to_html(blocks))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return md
+
+
+if __name__ == "__main__":
+    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "."))
