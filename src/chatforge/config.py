@@ -187,6 +187,14 @@ class PipelineConfig:
     stages: list[str] = opt([], "stages in order, e.g. [sft, rm, ppo] or [sft, dpo] or [sft, grpo]")
     overrides: dict = opt({}, "per-stage overrides: {stage: {dotted.key: value}}")
     task: str = opt("", "built-in task whose data the pipeline writes first (chatforge.data.tasks)")
+    task_seed: int = opt(0, "seed of the built-in task data")
+    task_sizes: dict = opt({}, "records per split of the task data, e.g. {sft: 2000, eval: 200}")
+    eval_data: str = opt("", "eval JSONL (prompt, answer); default RUN/data/eval.jsonl with pipeline.task")
+    eval_base: bool = opt(True, "also evaluate the starting model, before any stage")
+    eval_max_new_tokens: int = opt(32, "answer length limit in evaluation (greedy decoding)")
+    eval_batch_size: int = opt(16, "prompts per generation batch in evaluation")
+    eval_limit: int = opt(0, "evaluate only the first N eval items; 0 = all")
+    samples: int = opt(6, "before/after sample answers shown in the report")
 
 
 @dataclass
