@@ -37,12 +37,14 @@ def load_inference_model(path: str, dtype: str = "auto", device=None):
     LoRA adapters are folded into the base weights in memory (faster generation; nothing is written).
     """
 
+    from chatforge.data.templates import ensure_chat_template
     from chatforge.models.adapters import is_adapter_dir, load_adapter_model
     from chatforge.models.load import load_model, load_tokenizer, pick_device, resolve_dtype
 
     device = device or pick_device()
     torch_dtype = resolve_dtype(dtype, device, full_finetune=False)
     tok = load_tokenizer(path)
+    ensure_chat_template(tok)
     if is_adapter_dir(path):
         lm = load_adapter_model(path, dtype=torch_dtype, device=device)
         if lm.peft_config["default"].peft_type.value == "LORA":
