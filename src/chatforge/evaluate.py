@@ -189,6 +189,7 @@ def evaluate(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     limit: int = 0,
+    dtype: str = "auto",
 ) -> dict:
     """Every requested metric for `model`; answers are kept in `results['responses']`."""
     import gc
@@ -196,7 +197,7 @@ def evaluate(
     results: dict = {"model": model}
     items = read_items(data)[: limit or None] if data else []
     convs = [it["messages"] for it in items]
-    lm, tok = load_inference_model(model)
+    lm, tok = load_inference_model(model, dtype)
     if items:
         responses, tps = generate_answers(lm, tok, convs, max_new_tokens, batch_size)
         results.update(data=str(data), generate_tokens_per_s=tps, responses=responses)
@@ -210,7 +211,7 @@ def evaluate(
             raise ChatforgeError("--against needs --data (the prompts both models answer)")
         if not reward_model:
             raise ChatforgeError("--against needs --reward-model (the judge)")
-        other_lm, other_tok = load_inference_model(against)
+        other_lm, other_tok = load_inference_model(against, dtype)
         other, _ = generate_answers(other_lm, other_tok, convs, max_new_tokens, batch_size)
         del other_lm
         results["against"] = {"model": against, "responses": other, "exact": accuracy(items, other)}
@@ -267,6 +268,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
     if not (args.data or args.ppl_data):
         p.error("give --data and/or --ppl-data")
@@ -279,6 +281,7 @@ def main(argv: list[str]) -> int:
         args.max_new_tokens,
         args.batch_size,
         args.limit,
+        args.dtype,
     )
     print(format_table(results))
     if args.out:

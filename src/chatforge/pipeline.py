@@ -187,7 +187,7 @@ def evaluate_policy(cfg: Config, run: Path, label: str, model: str, eval_data: s
     items = read_items(eval_data)[: p.eval_limit or None]
     log(f"evaluating {label} ({model}) on {len(items)} held-out items")
     t0 = time.perf_counter()
-    lm, tok = load_inference_model(model)
+    lm, tok = load_inference_model(model, cfg.model.dtype)
     convs = [it["messages"] for it in items]
     responses, tps = generate_answers(
         lm, tok, convs, p.eval_max_new_tokens, p.eval_batch_size, cfg.train.progress
