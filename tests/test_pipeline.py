@@ -1,0 +1,119 @@
+"""`chatforge pipeline` on a tiny model: every stage folder, eval and report; skip on re-run; resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chatforge import pipeline
+from chatforge.config import load_config
+from chatforge.errors import ConfigError
+from chatforge.train.loop import Trainer
+
+SIZES = "{sft: 16, preference: 16, rl: 8, eval: 6}"
+
+
+def pipeline_config(model_dir, out, *overrides):
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            "model.dtype=float32",
+            "train.mixed_precision=none",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.lr=2e-2",
+            "data.max_length=96",
+            "pipeline.task=mixed",
+            f"pipeline.task_sizes={SIZES}",
+            "pipeline.eval_max_new_tokens=4",
+            *overrides,
+        ],
+    )
+
+
+def steps(stage_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = pipeline_config(
+        tiny_model_dir,
+        run,
+        "pipeline.stages=[sft, rm, dpo]",
+        "pipeline.overrides={dpo: {train.max_steps: 3}}",
+    )
+    report = Path(pipeline.run(cfg))
+    for stage in ("sft", "rm", "dpo"):
+        assert (run / stage / "final").is_dir() and (run / stage / "done").is_file()
+    # SFT feeds the later stages through its merged adapter; the RM scores every evaluated policy.
+    assert json.loads((run / "sft" / "done").read_text())["model"] == str(run / "sft" / "merged")
+    assert load_config(run / "dpo" / "config.yaml").model.path == str(run / "sft" / "merged")
+    assert steps(run / "sft") == [1, 2] and steps(run / "dpo") == [1, 2, 3]  # per-stage override
+    for label in ("base", "sft", "dpo"):
+        result = json.loads((run / "eval" / f"{label}.json").read_text())
+        assert result["exact"]["n"] == 6 and len(result["responses"]) == 6
+        assert len(result["reward"]["scores"]) == 6
+    assert 0 <= json.loads((run / "eval" / "rm.json").read_text())["pair_accuracy"] <= 1
+    assert report == run / "report.md"
+    md, page = report.read_text(), (run / "report.html").read_text()
+    assert "| base |" in md and "| dpo |" in md and "pair accuracy" in md
+    assert (run / "plots" / "sft.png").is_file() and page.count("data:image/png;base64,") >= 3
+
+    def must_not_run(stage, scfg):
+        raise AssertionError(f"{stage} ran again")
+
+    monkeypatch.setattr(pipeline, "run_stage", must_not_run)
+    monkeypatch.setattr("chatforge.evaluate.load_inference_model", lambda *a: pytest.fail("evaluated again"))
+    monkeypatch.setattr("chatforge.reward.load_reward_model", lambda *a: pytest.fail("scored again"))
+    assert pipeline.run(cfg) == str(report)
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    cfg = pipeline_config(
+        tiny_model_dir,
+        run,
+        "pipeline.stages=[sft]",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "pipeline.eval_base=false",
+    )
+    real_step = Trainer.train_step
+
+    def step_then_interrupt(self, *args, **kwargs):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg)
+    assert not (run / "sft" / "done").exists()
+    assert (run / "sft" / "checkpoints" / "step-3").is_dir()  # saved on interrupt
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    capsys.readouterr()
+    pipeline.run(cfg)
+    out = capsys.readouterr().out
+    assert "resuming sft" in out and "resumed from step 3" in out
+    assert steps(run / "sft") == [1, 2, 3, 4]
+    assert json.loads((run / "sft" / "done").read_text())["resumed"] is True
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["pipeline.stages=[]"], "pipeline.stages is empty"),
+        (["pipeline.stages=[sft, rl]"], "unknown stage 'rl'"),
+        (["pipeline.stages=[sft, ppo, rm]"], "rm must come before ppo"),
+        (["pipeline.stages=[sft]", "pipeline.overrides={sft: {train.lrr: 1}}"], "train.lrr"),
+    ],
+)
+def test_bad_pipeline_configs_fail_before_any_work(tmp_path, overrides, message):
+    cfg = pipeline_config("unused", tmp_path / "run", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        pipeline.run(cfg)
+    assert not (tmp_path / "run" / "data").exists()
