@@ -1,0 +1,79 @@
+"""The run report from files on disk: tables, plots, samples, self-contained HTML."""
+
+import json
+import math
+import re
+
+import yaml
+
+from chatforge.evaluate import accuracy
+from chatforge.report import write_report
+
+ITEMS = [{"prompt": f"What is {i} + 1? Answer with just the number.", "answer": str(i + 1)} for i in range(4)]
+
+
+def _eval(run, label, responses, reward):
+    items = [{**it, "task": "arithmetic"} for it in ITEMS]
+    result = {
+        "label": label,
+        "data": str(run / "data" / "eval.jsonl"),
+        "responses": responses,
+        "exact": accuracy(items, responses),
+        "reward": {"mean": reward},
+        "generate_tokens_per_s": 100.0,
+        "wall_s": 2.0,
+    }
+    (run / "eval" / f"{label}.json").write_text(json.dumps(result))
+
+
+def _metrics(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "loss"')  # torn line
+
+
+def test_report_tables_plots_samples_and_self_contained_html(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "data").mkdir()
+    (run / "data" / "eval.jsonl").write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
+    cfg = {"train": {"lr": 0.001}, "pipeline": {"stages": ["sft", "rm", "ppo"], "samples": 2}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _eval(run, "base", ["The answer is 1.", "two", "3 apples", "I think 4"], -1.0)
+    _eval(run, "sft", ["1", "2", "5", "7"], 0.5)
+    _eval(run, "ppo", ["1", "2", "3", "7"], 1.25)
+    (run / "eval" / "rm.json").write_text(json.dumps({"pair_accuracy": 0.9, "n": 100}))
+    _metrics(
+        run / "sft" / "metrics.jsonl", [{"step": s, "loss": 3 / s, "tokens_per_s": 300.0} for s in (1, 2, 3)]
+    )
+    _metrics(
+        run / "rm" / "metrics.jsonl", [{"step": s, "loss": 0.7, "accuracy": 0.5 + s / 10} for s in (1, 2)]
+    )
+    _metrics(
+        run / "ppo" / "metrics.jsonl",
+        [{"step": s, "reward": s / 4, "kl": s / 100, "gen_tokens_per_s": 50.0} for s in (1, 2)],
+    )
+    for stage, wall in (("sft", 60.0), ("rm", 30.0), ("ppo", 90.0)):
+        (run / stage / "done").write_text(json.dumps({"final": "x", "wall_s": wall, "peak_rss_gib": 2.5}))
+
+    md_path = write_report(run)
+    md, page = md_path.read_text(), (run / "report.html").read_text()
+    # base 0/4 -> sft 2/4 -> ppo 3/4, each change with its noise in standard errors
+    se = lambda p: math.sqrt(p * (1 - p) / 4)  # noqa: E731
+    assert "| base | 0.000 ± 0.000 | 0/4 | - | -1.000 |" in md
+    assert f"| sft | 0.500 ± {se(0.5):.3f} | 2/4 | +0.500 ({0.5 / se(0.5):+.1f} s.e.) | 0.500 |" in md
+    assert f"| ppo | 0.750 ± {se(0.75):.3f} | 3/4 | +0.250 " in md
+    assert "pair accuracy 0.900" in md
+    assert (
+        "| sft | done | 3 | 60 | 2.50 | 300 | - |" in md and "| ppo | done | 2 | 90 | 2.50 | - | 50 |" in md
+    )
+    # curves: loss for sft, loss+accuracy for rm, reward+KL for ppo, and the accuracy bars
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(images) == ["plots/accuracy.png", "plots/ppo.png", "plots/rm.png", "plots/sft.png"]
+    assert all((run / p).stat().st_size > 1000 for p in images)
+    # samples: items whose correctness changed between base and ppo come first, limited to 2
+    section = md.split("## Sample answers: base vs ppo")[1].split("##")[0]
+    rows = [r for r in section.splitlines() if r.startswith("| What")]
+    assert len(rows) == 2 and "✗ The answer is 1. | ✓ 1 |" in rows[0]
+    # exact config at the end; the HTML embeds every plot and links nothing
+    assert "lr: 0.001" in md and "lr: 0.001" in page
+    assert page.count('src="data:image/png;base64,') == 4 and 'src="plots' not in page
