@@ -65,6 +65,50 @@ def test_rule_reward_rises_and_everything_is_logged(tiny_model_dir, jsonl, rewar
     assert (out / "final" / "adapter_config.json").is_file() and final == str(out / "final")
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert {"step", "prompt", "response", "reward", "answer"} <= set(samples[0])
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "final" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # every adapter matrix learnt (B starts at 0)
+
+
+@pytest.mark.slow
+def test_qlora_reward_rises_after_generation(tiny_model_dir, jsonl, reward_file, tmp_path):
+    # generation runs the 4-bit layers without grad in eval mode: the CPU repack would zero LoRA grads
+    out = tmp_path / "run"
+    grpo.run(
+        config(tiny_model_dir, jsonl(PROMPTS), out, reward_file, "train.max_steps=20", "peft.method=qlora")
+    )
+    rewards = [r["reward"] for r in metrics(out)]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:3]) / 3 + 0.4, rewards
+
+
+def test_reward_model_and_rules_are_weighted_together(tiny_model_dir, jsonl, reward_file, tmp_path):
+    from chatforge.models.heads import ScalarHeadModel
+    from chatforge.models.load import load_model, load_tokenizer
+
+    rm_dir = tmp_path / "rm"
+    lm = load_model(tiny_model_dir, device=torch.device("cpu"))
+    lm.save_pretrained(rm_dir)
+    load_tokenizer(tiny_model_dir).save_pretrained(rm_dir)
+    ScalarHeadModel(lm).save_head(rm_dir, {"reward_mean": 0.0, "reward_std": 1.0})
+    out = tmp_path / "run"
+    cfg = config(
+        tiny_model_dir,
+        jsonl(PROMPTS),
+        out,
+        reward_file,
+        "train.max_steps=2",
+        f"grpo.reward_model={rm_dir}",
+        "grpo.reward_model_weight=0.5",
+        "grpo.reward_weights=[2.0]",
+    )
+    grpo.run(cfg)
+    for row in metrics(out):
+        assert row["reward/model"] != 0.0
+        assert row["reward"] == pytest.approx(
+            2.0 * row["reward/has_seven"] + 0.5 * row["reward/model"], abs=1e-5
+        )
 
 
 @pytest.mark.parametrize(
