@@ -164,6 +164,11 @@ class PPOConfig:
         False, "full fine-tuning: park reference and reward models on CPU between phases"
     )
     samples_every: int = opt(5, "write sample completions every N steps")
+    critic_init: str = opt(
+        "base", "critic start: fresh LoRA on the base, or the reward model's adapter and head", ("base", "reward")
+    )
+    ptx_data: list[str] = opt([], "SFT data files for the pretraining-loss mix (used when ptx_coef > 0)")
+    generation_batch_size: int = opt(0, "prompts generated per batch; 0 = the whole rollout at once")
 
 
 @dataclass

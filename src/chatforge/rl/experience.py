@@ -1,0 +1,176 @@
+"""Rollout -> experience for PPO: sample, score, then everything the update needs, computed once.
+
+    rollout     the actor samples a response per prompt (rl.generate, KV cache, left padding);
+                the reward (rule functions and/or a reward model) scores each; scores are
+                penalised when the response never stopped (ppo.missing_eos_penalty) and clipped
+                to +-ppo.score_clip
+    experience  no-grad forward passes by the training path: actor log-probs (old_logp),
+                reference log-probs, critic values; per-token rewards
+                    r_t = -kl_coef * KL_t            (KL estimate k1 or k3 of actor vs reference)
+                    r_T += score                     (at the last response token)
+                then GAE(gamma, lambda) -> advantages (whitened over the rollout) and returns.
+
+Reward-model scores are normalised with the statistics the reward stage saved (`ModelReward`).
+Shapes are documented on `chatforge.rl.types.Rollout` and `Experience`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from chatforge.rl.types import Experience, Rollout
+
+
+def sample(roles, prompts, gen_cfg, batch_size: int | None = None):
+    """The actor's responses to `prompts` (PromptItem list) -> `rl.generate.Generated`."""
+    from chatforge.rl.generate import generate
+
+    with roles.use("actor"):
+        return generate(
+            roles.policy.lm,
+            roles.tokenizer,
+            [p.ids for p in prompts],
+            gen_cfg.max_new_tokens,
+            gen_cfg.temperature,
+            gen_cfg.top_p,
+            gen_cfg.top_k,
+            batch_size=batch_size or None,
+        )
+
+
+def shape_scores(
+    raw: torch.Tensor, stopped: torch.Tensor, score_clip: float = 0.0, missing_eos_penalty: float = 0.0
+) -> torch.Tensor:
+    """Scores (B,) after the missing-EOS penalty and clipping to +-score_clip (0 = no clip).
+
+    >>> shape_scores(torch.tensor([3.0, 0.5]), torch.tensor([True, False]), 2.0, 1.0).tolist()
+    [2.0, -0.5]
+    """
+    scores = raw.float() - missing_eos_penalty * (~stopped.bool()).float()
+    if score_clip:
+        scores = scores.clamp(-score_clip, score_clip)
+    return scores
+
+
+def score(roles, scorer, prompts, gen, score_clip: float = 0.0, missing_eos_penalty: float = 0.0):
+    """(Rollout, per-function reward means) for generated responses; `scorer` as in train.grpo."""
+    with roles.use("reward"):
+        raw, parts = scorer(prompts, gen.texts)
+    raw_t = torch.tensor(raw, dtype=torch.float32)
+    stopped = gen.stopped.cpu()
+    rollout = Rollout(
+        gen.prompt_ids,
+        gen.prompt_mask,
+        gen.response_ids,
+        gen.response_mask,
+        stopped,
+        shape_scores(raw_t, stopped, score_clip, missing_eos_penalty),
+        raw_t,
+        gen.texts,
+        gen.tokens_per_s,
+    )
+    return rollout, parts
+
+
+def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, R): -kl_coef * kl on response tokens, plus each score at its last token.
+
+    >>> token_rewards(torch.ones(1, 3), torch.tensor([2.0]), torch.tensor([[1, 1, 0]]), 0.1).tolist()
+    [[-0.10000000149011612, 1.899999976158203, 0.0]]
+    """
+    m = mask.float()
+    rewards = -kl_coef * kl.float() * m
+    last = (m.sum(1).long() - 1).clamp(min=0)
+    return rewards.scatter_add(1, last[:, None], scores.float().to(rewards.device)[:, None])
+
+
+def _forward_all(empty: Experience, fn, batch_size: int, device, width: int) -> torch.Tensor:
+    """Run fn(micro_batch) -> (b, w) over the rollout in micro-batches; gather into (B, width)."""
+    out = torch.zeros(len(empty), width, dtype=torch.float32)
+    for s in range(0, len(empty), batch_size):
+        rows = list(range(s, min(s + batch_size, len(empty))))
+        b = empty.batch(rows, device)
+        vals = fn(b).float().cpu()
+        out[rows, : vals.shape[1]] = vals
+    return out
+
+
+@torch.no_grad()
+def make_experience(
+    roles,
+    rollout: Rollout,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+    batch_size: int = 8,
+    device=None,
+    autocast=None,
+) -> tuple[Experience, dict[str, float]]:
+    """(Experience, stats) for a scored rollout; forward passes in micro-batches of `batch_size`."""
+    from chatforge.losses.kl import kl_estimate
+    from chatforge.losses.reduce import masked_mean
+    from chatforge.rl.advantages import gae, whiten
+
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1).cpu()
+    mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1).cpu()
+    rmask = rollout.response_mask.cpu()
+    B, R = rmask.shape
+    zeros = torch.zeros(B, R)
+    exp = Experience(
+        ids,
+        mask,
+        (mask.cumsum(1) - 1).clamp(min=0),
+        rmask,
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        zeros,
+        rollout.scores.float().cpu(),
+    )
+    amp = autocast or contextlib.nullcontext
+
+    def logps(model):
+        def fn(b):
+            with amp():
+                lp, _ = model(b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"])
+            return lp[:, -b["response_mask"].shape[1] :]
+
+        return fn
+
+    def values(b):
+        w = b["response_mask"].shape[1]
+        with amp():
+            return roles.critic(b["input_ids"], b["attention_mask"], b["position_ids"])[:, -w - 1 : -1]
+
+    with roles.use("actor"):
+        exp.old_logp = _forward_all(exp, logps(roles.policy), batch_size, device, R)
+    with roles.use("ref"):
+        exp.ref_logp = _forward_all(exp, logps(roles.ref_policy), batch_size, device, R)
+    with roles.use("critic"):
+        exp.old_values = _forward_all(exp, values, batch_size, device, R) * rmask
+    exp.kl = kl_estimate(exp.old_logp, exp.ref_logp, kl_estimator) * rmask
+    exp.rewards = token_rewards(exp.kl, exp.scores, rmask, kl_coef)
+    adv, exp.returns = gae(exp.rewards, exp.old_values, rmask, gamma, lam)
+    exp.advantages = whiten(adv, rmask) if whiten_advantages else adv
+    seq_kl = exp.kl.sum(1)
+    lengths = rmask.sum(1).float()
+    stats = {
+        "reward": float(rollout.scores.mean()),
+        "reward_std": float(rollout.scores.std()) if B > 1 else 0.0,
+        "reward_raw": float(rollout.raw_scores.mean()),
+        "kl": float(seq_kl.mean()),
+        "kl_per_token": float(masked_mean(exp.kl, rmask)),
+        "non_score_reward": float((-kl_coef * seq_kl).mean()),
+        "response_length": float(lengths.mean()),
+        "stopped_frac": float(rollout.stopped.float().mean()),
+        "value_mean": float(masked_mean(exp.old_values, rmask)),
+        "return_mean": float(masked_mean(exp.returns, rmask)),
+    }
+    return exp, stats

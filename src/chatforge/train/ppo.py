@@ -1,0 +1,310 @@
+"""RLHF with PPO: `chatforge ppo CONFIG.yaml [key=value ...]`.
+
+Each PPO step takes `ppo.rollout_batch_size` prompts; the actor samples answers, the reward scores
+them, and `rl.experience` turns them into per-token rewards (score at the last token minus
+kl_coef x KL to the reference), values and GAE advantages. Then `ppo.ppo_epochs` passes over the
+rollout in shuffled minibatches of `ppo.mini_batch_size`, one optimizer step each (micro-batches of
+`train.batch_size`), on the clipped policy loss + vf_coef x the clipped value loss (+ ptx_coef x
+an SFT loss on `ppo.ptx_data`). The KL coefficient is fixed or adaptive (`ppo.kl_target`).
+
+    step:  prompts -> generate -> score -> experience -> [minibatch updates] x ppo_epochs
+
+Where the roles live is `chatforge.rl.roles` (printed at start-up): with LoRA one frozen base and
+actor/critic/reference/reward adapters. The shared `Trainer` does the optimizer (the critic may
+have its own `ppo.critic_lr`), accumulation, logging and checkpoints; `train.max_steps` counts PPO
+steps. Output: OUTPUT/final (the actor: an adapter dir, the critic adapter + value head in
+final/critic/), metrics.jsonl, samples.jsonl every `ppo.samples_every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+from chatforge.config import Config
+
+
+def ppo_loss(model, batch, normalizer, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.5, reduction="token"):
+    """Clipped policy loss + vf_coef * clipped value loss on one micro-batch (an `Experience.batch`).
+
+    A batch with `ptx` set is an SFT micro-batch instead: ptx_coef * its token-mean NLL.
+    """
+    from chatforge.losses.policy import ppo_policy_loss, value_loss
+    from chatforge.losses.reduce import masked_mean
+
+    m = getattr(model, "module", model)
+    if "ptx" in batch:
+        target = batch["labels"] != -100
+        with m.roles.use("actor"):
+            logps, _ = m.policy(batch["input_ids"], batch["attention_mask"], batch["position_ids"], target)
+        nll = masked_mean(-logps, target[:, 1:])
+        return batch["ptx"] * nll, {}
+    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    rmask = batch["response_mask"]
+    w = rmask.shape[1]
+    with m.roles.use("actor"):
+        logps, entropy = m.policy(ids, mask, pos, batch["target_mask"], with_entropy=True)
+    logp = logps[:, -w:]
+    pg, metrics = ppo_policy_loss(
+        logp, batch["old_logp"], batch["advantages"], rmask, clip_eps, reduction, normalizer
+    )
+    with m.roles.use("critic"):
+        values = m.critic(ids, mask, pos)[:, -w - 1 : -1]
+    vl, vmetrics = value_loss(
+        values, batch["old_values"], batch["returns"], rmask, value_clip_eps, reduction, normalizer
+    )
+    metrics.update(vmetrics)
+    with_mean = partial(
+        value_loss, values.detach(), batch["old_values"], batch["returns"], rmask, value_clip_eps
+    )
+    metrics["value_loss"] = with_mean()[0]
+    metrics["policy_loss"] = ppo_policy_loss(
+        logp.detach(), batch["old_logp"], batch["advantages"], rmask, clip_eps
+    )[0]
+    metrics["entropy"] = masked_mean(entropy[:, -w:], rmask)
+    return pg + vf_coef * vl, metrics
+
+
+def ppo_units(batch, reduction: str = "token") -> int:
+    from chatforge.losses.reduce import count_units
+
+    if "ptx" in batch:
+        return 0  # the SFT term is its own mean; it does not share the PPO normalizer
+    return count_units(batch["response_mask"], reduction)
+
+
+def minibatch_order(n: int, seed: int, step: int, epoch: int) -> list[int]:
+    """Row order of a rollout in one PPO epoch: deterministic in (seed, step, epoch) for exact resume."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1000003 + step * 101 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def check(cfg: Config) -> None:
+    from chatforge.errors import ConfigError
+
+    p = cfg.ppo
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give at least one prompt file")
+    if not p.reward_functions and not p.reward_model:
+        raise ConfigError("ppo needs a reward: set ppo.reward_model and/or ppo.reward_functions")
+    if p.rollout_batch_size < 1 or p.ppo_epochs < 1 or p.mini_batch_size < 1:
+        raise ConfigError("ppo.rollout_batch_size, ppo.ppo_epochs and ppo.mini_batch_size must be at least 1")
+    if p.rollout_batch_size % p.mini_batch_size:
+        raise ConfigError(
+            f"ppo.rollout_batch_size ({p.rollout_batch_size}) must be a multiple of ppo.mini_batch_size "
+            f"({p.mini_batch_size})"
+        )
+    if p.ptx_coef > 0 and not p.ptx_data:
+        raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data (SFT files for the pretraining-loss mix)")
+
+
+def param_groups(model, critic_lr: float) -> list[dict] | None:
+    """Actor and critic parameters in separate groups when the critic has its own learning rate."""
+    if not critic_lr:
+        return None
+    critic = {id(p) for n, p in model.named_parameters() if ".critic." in n or n.startswith("critic.")}
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for _, p in params if id(p) not in critic]},
+        {"params": [p for _, p in params if id(p) in critic], "lr": critic_lr},
+    ]
+
+
+def total_steps(cfg: Config, n_prompts: int) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * (n_prompts // cfg.ppo.rollout_batch_size)))
+
+
+def run(cfg: Config) -> str:
+    from chatforge.data.prompts import build_prompt_examples, prompt_budget, prompts_for_step, require_answers
+    from chatforge.models.load import load_tokenizer, pick_device
+    from chatforge.rl import experience as xp
+    from chatforge.rl.kl_control import kl_controller
+    from chatforge.rl.rewards import RuleRewards
+    from chatforge.rl.roles import build_roles
+    from chatforge.train.common import log, start_run
+    from chatforge.train.grpo import Scorer
+    from chatforge.train.loop import Trainer, _truncate_metrics
+
+    check(cfg)
+    p, gen_cfg = cfg.ppo, cfg.generate
+    out = start_run(cfg, "ppo")
+    # prompts and rewards are checked before any model loads: a bad record fails in seconds
+    items, report = build_prompt_examples(
+        cfg.data.train,
+        load_tokenizer(cfg.model.path, cfg.model.trust_remote_code),
+        prompt_budget(cfg.data.max_length, gen_cfg.max_new_tokens),
+    )
+    log(f"prompts: {report.summary()}")
+    if p.rollout_batch_size > len(items):
+        from chatforge.errors import ConfigError
+
+        raise ConfigError(
+            f"ppo.rollout_batch_size ({p.rollout_batch_size}) exceeds the {len(items)} prompts: add prompts or lower it"
+        )
+    device = pick_device(cfg.train.device)
+    rules = None
+    if p.reward_functions:
+        rules = RuleRewards(p.reward_functions, p.reward_weights)
+        if rules.needs_answers:
+            require_answers(items, ", ".join(rules.needs_answers))
+    roles = build_roles(cfg, device)
+    scorer = Scorer(rules, roles.reward)
+    log(roles.describe())
+    ptx = _ptx_items(cfg, roles.tokenizer) if p.ptx_coef > 0 else []
+    steps = total_steps(cfg, len(items))
+    per_rollout = p.ppo_epochs * (p.rollout_batch_size // p.mini_batch_size)
+    model = roles.model()
+    trainer = Trainer(model, cfg.train, steps * per_rollout, param_groups(model, p.critic_lr), device)
+    kl_ctl = kl_controller(p.kl_coef, p.kl_target, p.kl_horizon)
+    start = 0
+    if cfg.train.resume and (state := trainer.resume()) is not None:
+        start = state["ppo_step"]
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        _truncate_metrics(out / "samples.jsonl", trainer.step)
+        log(f"resumed from PPO step {start}")
+    reduction = cfg.train.loss_reduction
+    loss_fn = partial(
+        ppo_loss, clip_eps=p.clip_eps, value_clip_eps=p.value_clip_eps, vf_coef=p.vf_coef, reduction=reduction
+    )
+    units_fn = partial(ppo_units, reduction=reduction)
+    bs = cfg.train.batch_size
+    bar = trainer.progress(initial=start * per_rollout, desc="ppo")
+    try:
+        for step in range(start, steps):
+            prompts = prompts_for_step(items, step, p.rollout_batch_size, cfg.train.seed)
+            t0 = time.perf_counter()
+            gen = xp.sample(roles, prompts, gen_cfg, p.generation_batch_size)
+            t1 = time.perf_counter()
+            rollout, parts = xp.score(roles, scorer, prompts, gen, p.score_clip, p.missing_eos_penalty)
+            t2 = time.perf_counter()
+            exp, stats = xp.make_experience(
+                roles,
+                rollout,
+                kl_ctl.value,
+                p.kl_estimator,
+                p.gamma,
+                p.lam,
+                p.whiten_advantages,
+                bs,
+                trainer.acc.device,
+                trainer.acc.autocast,
+            )
+            t3 = time.perf_counter()
+            sums: dict[str, float] = {}
+            n_updates = 0
+            for epoch in range(p.ppo_epochs):
+                order = minibatch_order(len(exp), cfg.train.seed, step, epoch)
+                for lo in range(0, len(exp), p.mini_batch_size):
+                    rows = order[lo : lo + p.mini_batch_size]
+                    micro = [exp.batch(rows[i : i + bs], trainer.acc.device) for i in range(0, len(rows), bs)]
+                    if ptx:
+                        micro.append(
+                            trainer._to_device(
+                                _ptx_batch(ptx, trainer.step, bs, p.ptx_coef, roles.tokenizer, cfg)
+                            )
+                        )
+                    learned = trainer.train_step(micro, loss_fn, units_fn)
+                    for k, v in learned.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_updates += 1
+                    bar.update(1)
+            t4 = time.perf_counter()
+            from chatforge.losses.policy import explained_variance
+
+            metrics = {k: v / n_updates for k, v in sums.items()}
+            metrics.update(stats)
+            metrics.update(parts)
+            metrics.update(
+                {
+                    "ppo_step": step + 1,
+                    "kl_coef": kl_ctl.value,
+                    "explained_variance": float(
+                        explained_variance(exp.old_values, exp.returns, exp.response_mask)
+                    ),
+                    "gen_tokens_per_s": round(rollout.tokens_per_s, 1),
+                    "time/generate": round(t1 - t0, 3),
+                    "time/score": round(t2 - t1, 3),
+                    "time/experience": round(t3 - t2, 3),
+                    "time/learn": round(t4 - t3, 3),
+                }
+            )
+            kl_ctl.update(stats["kl"], p.rollout_batch_size)
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                trainer.log(metrics)
+            if p.samples_every and (step + 1) % p.samples_every == 0 and trainer.is_main:
+                write_samples(out / "samples.jsonl", trainer.step, prompts, rollout)
+            if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == steps:
+                trainer.save_checkpoint({"ppo_step": step + 1, "kl_ctl": kl_ctl.state_dict()})
+    finally:
+        trainer.close()
+    final = trainer.save_final(partial(save_actor, roles))
+    log(f"done: {final}")
+    return str(final)
+
+
+def _ptx_items(cfg: Config, tokenizer) -> list:
+    from chatforge.data.dataset import build_sft_examples
+    from chatforge.train.common import log
+
+    examples, report = build_sft_examples(
+        cfg.ppo.ptx_data, tokenizer=tokenizer, max_length=cfg.data.max_length
+    )
+    log(f"ptx data: {report.summary()}")
+    return examples
+
+
+def _ptx_batch(items, opt_step: int, size: int, coef: float, tokenizer, cfg) -> dict:
+    """The SFT micro-batch of optimizer step `opt_step` (deterministic, so resume replays it)."""
+    from chatforge.data.collate import pad_batch
+    from chatforge.train.loop import epoch_order
+
+    per_pass = max(1, len(items) // size)
+    epoch, pos = divmod(opt_step, per_pass)
+    order = epoch_order(len(items), cfg.train.seed + 7, epoch)
+    chosen = [items[i] for i in order[pos * size : (pos + 1) * size]] or items[:size]
+    batch = pad_batch(chosen, pad_id=tokenizer.pad_token_id)
+    batch["ptx"] = coef
+    return batch
+
+
+def save_actor(roles, tmp: Path) -> None:
+    """final/: the actor (a peft adapter dir, or a full model dir), the critic in final/critic/."""
+    import shutil
+
+    from chatforge.models.adapters import save_final
+
+    tok = roles.tokenizer
+    if roles.layout != "lean":
+        save_final(roles.policy.lm, tok, tmp)
+        return
+    peft = roles.policy.lm
+    peft.save_pretrained(tmp, selected_adapters=["actor", "critic"])
+    for f in (tmp / "actor").iterdir():  # peft writes named adapters to subdirs: lift the actor up
+        shutil.move(str(f), tmp / f.name)
+    (tmp / "actor").rmdir()
+    tok.save_pretrained(tmp)
+    roles.critic.save_head(tmp / "critic")
+
+
+def write_samples(path: Path, step: int, prompts, rollout, n: int = 4) -> None:
+    """A few prompts with their responses and scores, one JSON line each."""
+    with open(path, "a") as f:
+        for i in range(min(n, len(rollout.texts))):
+            rec = {
+                "step": step,
+                "prompt": prompts[i].text,
+                "response": rollout.texts[i],
+                "score": float(rollout.scores[i]),
+                "raw_score": float(rollout.raw_scores[i]),
+                "stopped": bool(rollout.stopped[i]),
+            }
+            if prompts[i].answer is not None:
+                rec["answer"] = prompts[i].answer
+            f.write(json.dumps(rec) + "\n")
