@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -131,11 +132,11 @@ def micro_batches(gen, advantages, size: int, device) -> list[dict]:
     return out
 
 
-def total_steps(cfg: Config, n_prompts: int) -> int:
+def total_steps(cfg: Config, n_prompts: int, world: int = 1) -> int:
     """GRPO steps: train.max_steps, else train.epochs passes over the prompts."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    return max(1, math.ceil(cfg.train.epochs * (n_prompts // cfg.grpo.prompts_per_step)))
+    return max(1, math.ceil(cfg.train.epochs * (n_prompts // (cfg.grpo.prompts_per_step * world))))
 
 
 def build_scorer(cfg: Config, items, device) -> Scorer:
@@ -206,7 +207,7 @@ def run(cfg: Config) -> str:
         "reference: "
         + ("none (grpo.beta=0)" if g.beta == 0 else "frozen copy" if ref is not None else "adapter disabled")
     )
-    steps = total_steps(cfg, len(items))
+    steps = total_steps(cfg, len(items), int(os.environ.get("WORLD_SIZE", "1")))
     trainer = Trainer(policy, cfg.train, steps * g.epochs_per_step)
     start = 0
     if cfg.train.resume and (state := trainer.resume()) is not None:
@@ -220,7 +221,11 @@ def run(cfg: Config) -> str:
     bar = trainer.progress(initial=start * g.epochs_per_step, desc="grpo")
     try:
         for step in range(start, steps):
-            batch = prompts_for_step(items, step, g.prompts_per_step, cfg.train.seed)
+            # under DDP each process takes its own prompts_per_step prompts of the step's global batch
+            rank, per = trainer.acc.process_index, g.prompts_per_step
+            batch = prompts_for_step(items, step, per * trainer.world, cfg.train.seed)[
+                rank * per : (rank + 1) * per
+            ]
             group = [p for p in batch for _ in range(g.num_generations)]  # a prompt's answers adjacent
             t0 = time.perf_counter()
             gen = generate(
@@ -257,8 +262,7 @@ def run(cfg: Config) -> str:
             metrics = {
                 **learned,
                 "grpo_step": step + 1,
-                "reward": float(rewards_t.mean()),
-                "reward_std": float(rewards_t.std()) if len(rewards) > 1 else 0.0,
+                **reward_stats(trainer, rewards_t),
                 **parts,
                 "response_length": float(lengths.mean()),
                 "stopped_frac": float(gen.stopped.float().mean()),
@@ -280,6 +284,14 @@ def run(cfg: Config) -> str:
     final = save_lm(trainer, trainer.model, tok)
     log(f"done: {final}")
     return str(final)
+
+
+def reward_stats(trainer, rewards) -> dict[str, float]:
+    """Mean and (population) std of the rewards of every process's completions."""
+    n = trainer.global_sum(rewards.numel())
+    mean = trainer.global_sum(float(rewards.sum())) / n
+    var = trainer.global_sum(float((rewards.double() - mean).square().sum())) / n
+    return {"reward": mean, "reward_std": var**0.5}
 
 
 def write_samples(path: Path, step: int, prompts, texts, rewards, group_size: int, groups: int = 2) -> None:
