@@ -46,12 +46,17 @@ def log(msg: str) -> None:
 
 
 def check(cfg: Config) -> None:
+    import importlib.util
+
     p = cfg.pipeline
     if not p.stages:
         raise ConfigError("pipeline.stages is empty: list the stages, e.g. [sft, rm, ppo]")
     for stage in [*p.stages, *p.overrides]:
         if stage not in STAGES:
             raise ConfigError(f"pipeline: unknown stage '{stage}' (known: {', '.join(STAGES)})")
+    for stage in p.stages:
+        if importlib.util.find_spec(STAGES[stage][0].split(":")[0]) is None:
+            raise ConfigError(f"pipeline: stage '{stage}' is not available in this chatforge install")
     if len(set(p.stages)) != len(p.stages):
         raise ConfigError("pipeline.stages lists a stage twice")
     if "ppo" in p.stages and "rm" in p.stages and p.stages.index("rm") > p.stages.index("ppo"):
@@ -205,6 +210,14 @@ def score_with_rm(run: Path, rm: str, eval_data: str | None, pairs: Path | None,
     from chatforge.evaluate import read_items, reward_scores
 
     rm_file = run / "eval" / "rm.json"
+    meta_file = Path(rm) / "score_head.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if not rm_file.is_file() and meta.get("stats_on") == "eval" and "eval_accuracy" in meta:
+        # The rm stage already scored the held-out pairs (its data.eval): no second pass.
+        acc, n = meta["eval_accuracy"], meta.get("pairs", 0)
+        rm_file.parent.mkdir(parents=True, exist_ok=True)
+        rm_file.write_text(json.dumps({"model": rm, "pair_accuracy": acc, "n": n}, indent=1))
+        log(f"reward model: held-out pair accuracy {acc:.3f} (n={n})")
     if pairs is not None and pairs.is_file() and not rm_file.is_file():
         from chatforge.data.dataset import load_validated
         from chatforge.data.formats import to_preference
