@@ -231,3 +231,30 @@ def test_grpo_loss_by_hand():
     k3 = torch.e - 1 - 1  # e^r - 1 - r with r = ref - logp = 1
     assert float(m["kl"]) == pytest.approx(k3 / 3)
     assert float(loss_kl.detach()) == pytest.approx(-1 / 3 + 0.5 * k3 / 3)
+
+
+@pytest.mark.parametrize("precision", ["none", "bf16"])
+def test_first_ratio_is_one_with_several_epochs(tiny_model_dir, jsonl, reward_file, tmp_path, precision):
+    # old log-probs (no grad, before learning) and training log-probs take the same forward path:
+    # dropout forced off (peft.dropout is ignored), the same autocast. Step 3 has a trained adapter.
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path / "run"
+    cfg = config(
+        tiny_model_dir,
+        jsonl(PROMPTS),
+        out,
+        reward_file,
+        "train.max_steps=3",
+        "grpo.epochs_per_step=2",
+        "peft.dropout=0.5",
+        f"train.mixed_precision={precision}",
+    )
+    AcceleratorState._reset_state()  # accelerate keeps one mixed-precision setting per process
+    try:
+        grpo.run(cfg)
+    finally:
+        AcceleratorState._reset_state()
+    rows = metrics(out)
+    assert all(r["first_ratio"] == pytest.approx(1.0, abs=1e-5) for r in rows), rows
+    assert rows[-1]["ratio_mean"] != pytest.approx(1.0, abs=1e-5)  # the second epoch is off-policy

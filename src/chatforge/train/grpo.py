@@ -254,14 +254,17 @@ def run(cfg: Config) -> str:
                     for b, lp in zip(micro, sequence_logprobs(model, micro)):
                         b["old_logp"] = lp
             learned = {}
-            for _ in range(g.epochs_per_step):
+            for epoch in range(g.epochs_per_step):
                 learned = trainer.train_step(micro, loss_fn, units_fn)
+                if epoch == 0:  # on-policy: 1 within float error unless rollout and training disagree
+                    first_ratio = learned["ratio_mean"]
                 bar.update(1)
             t3 = time.perf_counter()
             lengths = gen.response_mask.sum(1).float()
             metrics = {
                 **learned,
                 "grpo_step": step + 1,
+                "first_ratio": first_ratio,
                 **reward_stats(trainer, rewards_t),
                 **parts,
                 "response_length": float(lengths.mean()),
