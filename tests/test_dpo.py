@@ -139,3 +139,45 @@ def test_resume_equals_uninterrupted(tiny_model_dir, jsonl, tmp_path):
         for key in ("loss", "rewards/margin"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)
     assert (tmp_path / "part" / "final" / "adapter_config.json").is_file()
+
+
+def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = jsonl(PAIRS)
+
+    def args(out, batch):
+        return [
+            f"model.path={tiny_model_dir}",
+            f"data.train=[{data}]",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "model.dtype=float32",
+            "train.mixed_precision=none",
+            "train.max_steps=3",
+            f"train.batch_size={batch}",
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "chatforge.cli", "dpo", *args(tmp_path / "one", 4)], env=env)
+    assert one.returncode == 0
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29547",
+    ]
+    two = subprocess.run(
+        [*launcher, "-m", "chatforge.cli", "dpo", *args(tmp_path / "two", 2)], capture_output=True, env=env
+    )
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for key in ("loss", "rewards/margin", "rewards/accuracy"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
