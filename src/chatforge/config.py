@@ -122,10 +122,12 @@ class RewardConfig:
 class DPOConfig:
     loss_type: str = opt("sigmoid", "preference loss", ("sigmoid", "ipo", "hinge", "simpo"))
     beta: float = opt(0.1, "inverse temperature of the implicit reward")
-    label_smoothing: float = opt(0.0, "cDPO label smoothing (sigmoid loss only)")
+    label_smoothing: float = opt(0.0, "cDPO label smoothing in [0, 0.5) (sigmoid and simpo losses)")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin")
     sft_weight: float = opt(0.0, "weight of an NLL term on the chosen response")
-    precompute_ref: bool = opt(False, "full fine-tuning: compute reference log-probs once, hold one model")
+    precompute_ref: bool = opt(
+        False, "compute reference log-probs once before training (full fine-tuning then holds one model)"
+    )
 
 
 @dataclass
