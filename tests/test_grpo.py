@@ -258,3 +258,33 @@ def test_first_ratio_is_one_with_several_epochs(tiny_model_dir, jsonl, reward_fi
     rows = metrics(out)
     assert all(r["first_ratio"] == pytest.approx(1.0, abs=1e-5) for r in rows), rows
     assert rows[-1]["ratio_mean"] != pytest.approx(1.0, abs=1e-5)  # the second epoch is off-policy
+
+
+def test_micro_batches_trim_padding_without_changing_log_probs(tiny_model_dir):
+    from chatforge.models.load import load_model, load_tokenizer
+    from chatforge.models.logprobs import LogprobModel
+    from chatforge.rl.generate import generate, sequence_inputs
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(tiny_model_dir)
+    model = LogprobModel(load_model(tiny_model_dir, device=torch.device("cpu")))
+    prompts = [tok("What is 2 plus 3?")["input_ids"], tok("hi")["input_ids"]] * 2  # very different lengths
+    gen = generate(model.lm, tok, prompts, max_new_tokens=10)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    micro = grpo.micro_batches(gen, adv, 1, torch.device("cpu"))
+    ids, mask, pos = sequence_inputs(gen)
+    target = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], 1)
+    with torch.no_grad():
+        full, _ = model(ids, mask, pos, target)
+        full = full[:, -gen.response_ids.shape[1] :]
+        trimmed = grpo.sequence_logprobs(model, micro)
+    for i, (b, lp) in enumerate(zip(micro, trimmed)):
+        width = b["response_mask"].shape[1]
+        assert b["input_ids"].shape[1] <= ids.shape[1]
+        assert int(b["attention_mask"][:, 0].min()) == 1  # no all-padding column left on the left
+        assert torch.equal(b["response_mask"], gen.response_mask[i : i + 1, :width])
+        assert torch.allclose(
+            lp * b["response_mask"], full[i : i + 1, :width] * b["response_mask"], atol=1e-5
+        )
+        assert float(b["advantages"]) == float(adv[i])
+    assert micro[1]["input_ids"].shape[1] < micro[0]["input_ids"].shape[1]  # the short prompt lost its pads
