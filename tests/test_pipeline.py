@@ -43,25 +43,26 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path, mon
     cfg = pipeline_config(
         tiny_model_dir,
         run,
-        "pipeline.stages=[sft, rm, dpo]",
-        "pipeline.overrides={dpo: {train.max_steps: 3}}",
+        "pipeline.stages=[sft, rm, dpo, grpo]",
+        "pipeline.overrides={dpo: {train.max_steps: 3}, grpo: {grpo.prompts_per_step: 2, grpo.num_generations: 2, generate.max_new_tokens: 4}}",
     )
     report = Path(pipeline.run(cfg))
-    for stage in ("sft", "rm", "dpo"):
+    for stage in ("sft", "rm", "dpo", "grpo"):
         assert (run / stage / "final").is_dir() and (run / stage / "done").is_file()
     # SFT feeds the later stages through its merged adapter; the RM scores every evaluated policy.
     assert json.loads((run / "sft" / "done").read_text())["model"] == str(run / "sft" / "merged")
     assert load_config(run / "dpo" / "config.yaml").model.path == str(run / "sft" / "merged")
+    assert load_config(run / "grpo" / "config.yaml").model.path == str(run / "dpo" / "merged")
     assert steps(run / "sft") == [1, 2] and steps(run / "dpo") == [1, 2, 3]  # per-stage override
-    for label in ("base", "sft", "dpo"):
+    for label in ("base", "sft", "dpo", "grpo"):
         result = json.loads((run / "eval" / f"{label}.json").read_text())
         assert result["exact"]["n"] == 6 and len(result["responses"]) == 6
         assert len(result["reward"]["scores"]) == 6
     assert 0 <= json.loads((run / "eval" / "rm.json").read_text())["pair_accuracy"] <= 1
     assert report == run / "report.md"
     md, page = report.read_text(), (run / "report.html").read_text()
-    assert "| base |" in md and "| dpo |" in md and "pair accuracy" in md
-    assert (run / "plots" / "sft.png").is_file() and page.count("data:image/png;base64,") >= 3
+    assert "| base |" in md and "| grpo |" in md and "pair accuracy" in md
+    assert (run / "plots" / "sft.png").is_file() and page.count("data:image/png;base64,") == 5
 
     def must_not_run(stage, scfg):
         raise AssertionError(f"{stage} ran again")
