@@ -13,7 +13,8 @@ CPU = torch.device("cpu")
 
 def make_adapter(base_dir, out_dir, seed=1, head_meta=None):
     """A LoRA adapter dir on `base_dir` with non-zero weights (an 'SFT output'); with head_meta also
-    a score head, i.e. a `chatforge rm` output."""
+    a score head, i.e. a `chatforge rm` output. Its LoRA dropout is on, as in a real SFT adapter:
+    PPO must switch it off (first ratio 1)."""
     from peft import LoraConfig, get_peft_model
 
     from chatforge.models.adapters import save_final
@@ -23,7 +24,7 @@ def make_adapter(base_dir, out_dir, seed=1, head_meta=None):
     torch.manual_seed(seed)
     lm = load_model(base_dir, device=CPU)
     cfg = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, task_type="CAUSAL_LM"
     )
     peft = get_peft_model(lm, cfg)
     with torch.no_grad():

@@ -331,6 +331,7 @@ def _separate(cfg, device) -> Roles:
         "critic": f"a second copy of {path} + value head (trainable)",
         "ref": f"a frozen copy of {path} ({frozen_dtype}, {where})",
     }
+    reward = None
     offload = [ref_policy] if park else []
     if cfg.ppo.reward_model:
         reward = ModelReward.from_dir(cfg.ppo.reward_model, device=device, max_length=cfg.data.max_length)

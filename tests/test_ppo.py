@@ -1,0 +1,226 @@
+"""PPO on a tiny model: the reward rises, the first ratio is 1, accumulation is invariant to the
+micro-batch size, resume is exact, full fine-tuning runs on separate models, bad input fails clearly."""
+
+import json
+
+import pytest
+import torch
+
+from chatforge.config import GenerateConfig, load_config
+from chatforge.errors import ChatforgeError, ConfigError, DataError
+from chatforge.train import ppo
+from test_roles import CPU, make_adapter, roles_config  # tests/ is on sys.path (rootdir conftest)
+
+PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
+# reward: the response contains the character "7" (a few byte-level tokens of the tiny vocabulary)
+REWARD = "def has_seven(prompts, responses, answers):\n    return [float('7' in r) for r in responses]\n"
+TIMING = ("time/", "tokens_per_s", "gen_tokens_per_s")
+SFT = [
+    {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} {i}"}]}
+    for i in range(8)
+]
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def config(model_dir, data, out, reward, *overrides):
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train=[{data}]",
+            f"train.output_dir={out}",
+            f"ppo.reward_functions=[{reward}]",
+            "train.progress=false",
+            "train.warmup_ratio=0",
+            "train.scheduler=constant",
+            "train.lr=2e-2",
+            "model.dtype=float32",
+            "train.mixed_precision=none",
+            "train.device=cpu",
+            "peft.r=8",
+            "data.max_length=96",
+            "generate.max_new_tokens=12",
+            "ppo.rollout_batch_size=16",
+            "ppo.mini_batch_size=16",
+            "ppo.ppo_epochs=1",
+            "ppo.kl_coef=0.01",
+            "train.batch_size=16",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text(REWARD)
+    return f"{path}:has_seven"
+
+
+def test_rule_reward_rises_and_everything_is_logged(tiny_model_dir, jsonl, reward_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    final = ppo.run(config(tiny_model_dir, jsonl(PROMPTS), out, reward_file, "train.max_steps=14"))
+    assert "PPO layout: lean" in capsys.readouterr().out
+    rows = metrics(out)
+    rewards = [r["reward"] for r in rows]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
+    assert first < 0.3 and last > first + 0.4, rewards
+    want = {"loss", "reward", "reward_std", "reward/has_seven", "kl", "kl_coef", "entropy", "clip_frac"}
+    want |= {"approx_kl", "value_loss", "explained_variance", "response_length", "gen_tokens_per_s"}
+    want |= {"time/generate", "time/score", "time/learn", "ppo_step", "policy_loss", "ratio_mean"}
+    assert want <= set(rows[-1]), want - set(rows[-1])
+    assert rows[-1]["kl"] > 0 and rows[-1]["explained_variance"] != 0
+    assert (out / "final" / "adapter_config.json").is_file() and final == str(out / "final")
+    assert (out / "final" / "critic" / "adapter_config.json").is_file()
+    assert (out / "final" / "critic" / "value_head.safetensors").is_file()
+    from chatforge.models.adapters import load_adapter_model
+
+    assert load_adapter_model(out / "final").peft_config["default"].r == 8  # loads as a plain adapter
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {"step", "prompt", "response", "score", "raw_score", "stopped", "answer"} <= set(samples[0])
+
+
+@pytest.fixture
+def experience(tiny_model_dir, tmp_path, jsonl):
+    """(roles, experience) of one rollout from an SFT adapter start (non-zero LoRA weights)."""
+    from chatforge.data.prompts import build_prompt_examples
+    from chatforge.rl import experience as xp
+    from chatforge.rl.rewards import RuleRewards
+    from chatforge.rl.roles import build_roles
+    from chatforge.train.grpo import Scorer
+
+    sft = make_adapter(tiny_model_dir, tmp_path / "sft")
+    roles = build_roles(roles_config(sft), CPU)
+    with torch.no_grad():
+        roles.critic.head.weight.normal_(0, 0.1)
+    prompts, _ = build_prompt_examples(jsonl(PROMPTS[:4]), roles.tokenizer, 64)
+    torch.manual_seed(0)
+    gen = xp.sample(roles, prompts, GenerateConfig(max_new_tokens=8))
+    scorer = Scorer(RuleRewards(["length_penalty"]), None)
+    rollout, _ = xp.score(roles, scorer, prompts, gen, missing_eos_penalty=0.5)
+    exp, stats = xp.make_experience(roles, rollout, kl_coef=0.1, batch_size=2)
+    return roles, exp
+
+
+def test_first_ratio_is_one(experience):
+    roles, exp = experience
+    model = roles.model().train()
+    for rows in ([0, 1, 2, 3], [3, 0]):  # the rollout's micro-batches, and a reshuffled one
+        _, m = ppo.ppo_loss(model, exp.batch(rows), None)
+        assert float(m["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
+        assert float(m["approx_kl"]) < 1e-10 and float(m["clip_frac"]) == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_accumulation_is_invariant_to_micro_batch_size(experience, reduction):
+    roles, exp = experience
+    model = roles.model().train()
+    assert exp.advantages.abs().sum() > 0 and exp.returns.abs().sum() > 0
+    rows = [0, 1, 2, 3]
+    total = sum(ppo.ppo_units(exp.batch([r]), reduction) for r in rows)
+
+    def grads(groups):
+        model.zero_grad(set_to_none=True)
+        for g in groups:
+            loss, _ = ppo.ppo_loss(model, exp.batch(g), total, reduction=reduction)
+            loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    one, four = grads([rows]), grads([[r] for r in rows])
+    assert set(one) == set(four) and any(".actor." in n for n in one) and "critic.head.weight" in one
+    for n in one:
+        assert torch.allclose(one[n], four[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_ptx_batch_adds_its_own_mean_nll(experience, tokenizer):
+    from chatforge.data.collate import pad_batch
+
+    roles, _ = experience
+    model = roles.model()
+    b = pad_batch([{"input_ids": tokenizer.encode("one two three")}], tokenizer.pad_token_id)
+    b["ptx"] = 0.5
+    loss, _ = ppo.ppo_loss(model, b, 123.0)
+    with torch.no_grad(), roles.use("actor"):
+        lp, _ = model.policy(b["input_ids"], b["attention_mask"], b["position_ids"])
+    assert float(loss.detach()) == pytest.approx(0.5 * float(-lp.mean()), rel=1e-5)
+    assert ppo.ppo_units(b) == 0  # it does not change the PPO normalizer
+
+
+def test_resume_after_a_crash_is_exact(tiny_model_dir, jsonl, reward_file, tmp_path):
+    data = jsonl(PROMPTS)
+    common = (
+        "train.max_steps=3",
+        "train.save_every=2",
+        "generate.max_new_tokens=8",
+        "ppo.rollout_batch_size=8",
+        "ppo.mini_batch_size=4",
+        "ppo.ppo_epochs=1",
+        "train.batch_size=2",
+        "ppo.kl_target=1.0",
+        "ppo.kl_horizon=10",
+        "ppo.ptx_coef=0.1",
+        f"ppo.ptx_data=[{jsonl(SFT, 'sft.jsonl')}]",
+        "ppo.critic_lr=1e-2",
+        "ppo.samples_every=1",
+    )
+    ppo.run(config(tiny_model_dir, data, tmp_path / "a", reward_file, *common))
+
+    crash = tmp_path / "crash" / "rewards.py"
+    crash.parent.mkdir()
+    crash.write_text(
+        "calls = 0\n"
+        "def has_seven(prompts, responses, answers):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if calls == 3:\n"
+        "        raise RuntimeError('disk full')\n"
+        "    return [float('7' in r) for r in responses]\n"
+    )
+    b = tmp_path / "b"
+    with pytest.raises(ChatforgeError, match="reward function .*has_seven' raised RuntimeError: disk full"):
+        ppo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common))
+    assert [r["ppo_step"] for r in metrics(b)] == [1, 2]
+    ppo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common, "train.resume=true"))
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+    got, want = strip(metrics(b)), strip(metrics(tmp_path / "a"))
+    assert [r["ppo_step"] for r in got] == [1, 2, 3] and got[-1]["step"] == 6
+    assert got == want
+    assert got[-1]["kl_coef"] != 0.05  # the adaptive controller moved, and its state resumed
+    samples = lambda d: [json.loads(x)["response"] for x in (d / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    assert samples(b) == samples(tmp_path / "a")
+
+
+def test_full_finetuning_uses_separate_models(tiny_model_dir, jsonl, reward_file, tmp_path, capsys):
+    out = tmp_path / "full"
+    overrides = ("peft.method=none", "train.lr=1e-4", "train.max_steps=2", "ppo.rollout_batch_size=8")
+    ppo.run(config(tiny_model_dir, jsonl(PROMPTS), out, reward_file, *overrides, "ppo.mini_batch_size=8"))
+    assert "separate models" in capsys.readouterr().out
+    rows = metrics(out)
+    assert len(rows) == 2 and rows[1]["kl"] > 0  # the actor moved away from its frozen copy
+    assert (out / "final" / "config.json").is_file() and not (out / "final" / "adapter_config.json").exists()
+
+
+def test_bad_prompts_and_config_fail_before_any_model_loads(
+    tiny_model_dir, jsonl, reward_file, tmp_path, monkeypatch
+):
+    import chatforge.models.load as load
+
+    monkeypatch.setattr(load, "load_model", None)  # any model load would fail with a TypeError
+    bad = jsonl([{"prompt": "ok"}, {"messages": [{"role": "assistant", "content": "hi"}]}], "bad.jsonl")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: messages must end with a user turn"):
+        ppo.run(config(tiny_model_dir, bad, tmp_path / "r", reward_file))
+    empty = jsonl([{"prompt": "ok"}, {"prompt": ""}], "empty.jsonl")
+    with pytest.raises(DataError, match=r"empty.jsonl:2: prompt must be a non-empty string"):
+        ppo.run(config(tiny_model_dir, empty, tmp_path / "r", reward_file))
+    with pytest.raises(ConfigError, match="multiple of ppo.mini_batch_size"):
+        ppo.run(config(tiny_model_dir, jsonl(PROMPTS), tmp_path / "r", reward_file, "ppo.mini_batch_size=5"))
+    with pytest.raises(ConfigError, match="ppo needs a reward"):
+        ppo.run(load_config(None, [f"model.path={tiny_model_dir}", f"data.train=[{jsonl(PROMPTS)}]"]))
+    with pytest.raises(ConfigError, match="ppo_data|ptx_data"):
+        ppo.run(config(tiny_model_dir, jsonl(PROMPTS), tmp_path / "r", reward_file, "ppo.ptx_coef=0.5"))
