@@ -88,20 +88,23 @@ def test_identical_and_too_long_pairs_are_skipped_counted_and_reported(tokenizer
             {"prompt": "hi", "chosen": "same", "rejected": "same"},
             {"prompt": long_prompt, "chosen": "a", "rejected": "b"},
             {"prompt": "hi", "chosen": "yes " * 40 + "A", "rejected": "yes " * 40 + "B"},
+            # the same once extra message keys are dropped
+            {"prompt": "hi", "chosen": [{"role": "assistant", "content": "ok", "id": 1}], "rejected": "ok"},
         ]
     )
     warnings = []
     examples, report = build_preference_examples(path, tokenizer, max_length=48, warn=warnings.append)
-    assert len(examples) == 1 and report.records == 4
+    assert len(examples) == 1 and report.records == 5
     assert report.skipped == {
-        IDENTICAL: 1,
+        IDENTICAL: 2,
         "prompt leaves no room for a response": 1,
         "chosen and rejected identical after truncation to max_length": 1,
     }
     assert warnings[0] == f"{path}:2: chosen and rejected are identical (skipped)"
     assert warnings[1].startswith(f"{path}:3: prompt leaves no room for a response (")
     assert warnings[2].startswith(f"{path}:4: chosen and rejected identical after truncation")
-    assert "skipped 3" in report.summary()
+    assert warnings[3] == f"{path}:5: chosen and rejected are identical (skipped)"
+    assert "skipped 4" in report.summary()
 
 
 def test_nothing_left_is_an_error_naming_the_first_record(tokenizer, jsonl):
