@@ -47,6 +47,46 @@ def test_eval_accuracy_is_exact_on_known_answers(tiny_model_dir, jsonl, tmp_path
     assert "0.500 ± 0.250 (2/4)" in table
 
 
+def test_reward_win_rate_and_perplexity(tiny_model_dir, jsonl, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.evaluate import evaluate
+    from chatforge.models.heads import ScalarHeadModel
+    from chatforge.reward import load_reward_model, score_texts
+
+    rm_dir = tmp_path / "rm"
+    shutil.copytree(tiny_model_dir, rm_dir)
+    torch.manual_seed(0)
+    ScalarHeadModel(AutoModelForCausalLM.from_pretrained(rm_dir)).save_head(rm_dir, extra={})
+    data = jsonl([{"prompt": p, "answer": "x"} for p in PROMPTS], "eval.jsonl")
+    chats = [{"prompt": p, "completion": "a b c"} for p in PROMPTS]
+    ppl_data = jsonl(chats, "ppl.jsonl")
+    r = evaluate(tiny_model_dir, data, str(rm_dir), ppl_data, tiny_model_dir, 4, 4, dtype="float32")
+    # The same model against itself: every pair ties, so the win rate is exactly one half.
+    assert r["win_rate"]["ties"] == 4 and r["win_rate"]["win_rate"] == 0.5
+    model, tok, _ = load_reward_model(rm_dir)
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+    expected = score_texts(model, tok, convs, r["responses"])
+    assert r["reward"]["scores"] == pytest.approx(expected, abs=1e-5)
+    # Perplexity = exp(mean NLL of the completion tokens), as transformers computes it per example.
+    from chatforge.data.dataset import build_sft_examples
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    examples, _ = build_sft_examples(ppl_data, tok, 512)
+    total, count = 0.0, 0
+    for ex in examples:
+        labels = torch.tensor([ex["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += float(lm(input_ids=torch.tensor([ex["input_ids"]]), labels=labels).loss) * n
+        count += n
+    assert r["ppl"]["tokens"] == count
+    assert r["ppl"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
 def test_accuracy_per_task_and_verifier_rules():
     items = [
         {"answer": "7", "task": "arithmetic"},

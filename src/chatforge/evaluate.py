@@ -1,6 +1,6 @@
 """Evaluation: exact-answer accuracy, reward-model score, perplexity and win rate of a model.
 
-    chatforge eval MODEL_DIR --data eval.jsonl [--reward-model DIR] [--ppl-data FILE]
+    chatforge eval MODEL_DIR --data eval.jsonl [--reward-model DIR] [--ppl FILE]
                    [--against OTHER_MODEL_DIR] [--out results.json]
 
 MODEL_DIR is a full model dir, a LoRA/prefix/prompt adapter dir, a .gguf file or `default`.
@@ -262,7 +262,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("model", help="model dir, adapter dir, .gguf file or 'default'")
     p.add_argument("--data", help="eval JSONL with prompt and answer (e.g. the built-in eval.jsonl)")
     p.add_argument("--reward-model", help="reward model dir: mean score, and the judge for --against")
-    p.add_argument("--ppl-data", help="chat or prompt/completion records for perplexity")
+    p.add_argument(
+        "--ppl", "--ppl-data", dest="ppl_data", help="chat or prompt/completion records for perplexity"
+    )
     p.add_argument("--against", help="another model: win rate judged by --reward-model")
     p.add_argument("--out", help="write the full results (with every answer) as JSON here")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -271,7 +273,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
     if not (args.data or args.ppl_data):
-        p.error("give --data and/or --ppl-data")
+        p.error("give --data and/or --ppl")
     results = evaluate(
         args.model,
         args.data,
