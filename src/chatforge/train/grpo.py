@@ -174,14 +174,10 @@ def load_reference(cfg: Config, device):
 
 
 def run(cfg: Config) -> str:
-    import torch
-
     from chatforge.data.prompts import build_prompt_examples, prompt_budget, prompts_for_step
     from chatforge.errors import ConfigError
     from chatforge.models.heads import disable_dropout
     from chatforge.models.load import load_tokenizer, pick_device
-    from chatforge.rl.advantages import group_advantages
-    from chatforge.rl.generate import generate
     from chatforge.train.common import build_policy, log, save_lm, start_run
     from chatforge.train.loop import Trainer, _truncate_metrics
 
@@ -214,9 +210,6 @@ def run(cfg: Config) -> str:
         start = state["grpo_step"]
         _truncate_metrics(out / "samples.jsonl", trainer.step)
         log(f"resumed from GRPO step {start}")
-    reduction = cfg.train.loss_reduction
-    loss_fn = partial(grpo_loss, clip_eps=g.clip_eps, beta=g.beta, reduction=reduction)
-    units_fn = partial(grpo_units, reduction=reduction)
     model = trainer.acc.unwrap_model(trainer.model)
     bar = trainer.progress(initial=start * g.epochs_per_step, desc="grpo")
     try:
@@ -227,39 +220,10 @@ def run(cfg: Config) -> str:
                 rank * per : (rank + 1) * per
             ]
             group = [p for p in batch for _ in range(g.num_generations)]  # a prompt's answers adjacent
-            t0 = time.perf_counter()
-            gen = generate(
-                model.lm,
-                tok,
-                [p.ids for p in group],
-                gen_cfg.max_new_tokens,
-                gen_cfg.temperature,
-                gen_cfg.top_p,
-                gen_cfg.top_k,
-                batch_size=g.generation_batch_size or None,
-            )
-            t1 = time.perf_counter()
-            rewards, parts = scorer(group, gen.texts)
-            rewards_t = torch.tensor(rewards, dtype=torch.float32)
-            adv = group_advantages(rewards_t, g.num_generations, scale=g.scale_rewards)
+            gen, rewards_t, parts, adv, times = rollout(model.lm, tok, group, scorer, cfg)
             t2 = time.perf_counter()
-            micro = micro_batches(gen, adv, cfg.train.batch_size, trainer.acc.device)
-            if g.beta:
-                ctx, ref_model = reference_context(model, ref)
-                with trainer.acc.autocast():
-                    for b, lp in zip(micro, sequence_logprobs(ref_model, micro, ctx)):
-                        b["ref_logp"] = lp
-            if g.epochs_per_step > 1:
-                with trainer.acc.autocast():
-                    for b, lp in zip(micro, sequence_logprobs(model, micro)):
-                        b["old_logp"] = lp
-            learned = {}
-            for epoch in range(g.epochs_per_step):
-                learned = trainer.train_step(micro, loss_fn, units_fn)
-                if epoch == 0:  # on-policy: 1 within float error unless rollout and training disagree
-                    first_ratio = learned["ratio_mean"]
-                bar.update(1)
-            t3 = time.perf_counter()
+            learned, first_ratio = learn(trainer, model, ref, gen, adv, cfg, bar)
+            times["time/learn"] = round(time.perf_counter() - t2, 3)
             lengths = gen.response_mask.sum(1).float()
             metrics = {
                 **learned,
@@ -270,15 +234,18 @@ def run(cfg: Config) -> str:
                 "response_length": float(lengths.mean()),
                 "stopped_frac": float(gen.stopped.float().mean()),
                 "gen_tokens_per_s": round(gen.tokens_per_s, 1),
-                "time/generate": round(t1 - t0, 3),
-                "time/score": round(t2 - t1, 3),
-                "time/learn": round(t3 - t2, 3),
+                **times,
             }
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
                 trainer.log(metrics)
             if g.samples_every and (step + 1) % g.samples_every == 0 and trainer.is_main:
                 write_samples(
-                    out / "samples.jsonl", trainer.step, group, gen.texts, rewards, g.num_generations
+                    out / "samples.jsonl",
+                    trainer.step,
+                    group,
+                    gen.texts,
+                    rewards_t.tolist(),
+                    g.num_generations,
                 )
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == steps:
                 trainer.save_checkpoint({"grpo_step": step + 1})
@@ -287,6 +254,64 @@ def run(cfg: Config) -> str:
     final = save_lm(trainer, trainer.model, tok)
     log(f"done: {final}")
     return str(final)
+
+
+def rollout(lm, tok, group, scorer: Scorer, cfg: Config):
+    """Sample one answer per entry of `group` (the prompts, each repeated num_generations times), score them.
+
+    Returns (Generated, rewards (B,), per-function reward means, group advantages (B,), timings).
+    """
+    import torch
+
+    from chatforge.rl.advantages import group_advantages
+    from chatforge.rl.generate import generate
+
+    g, gc = cfg.grpo, cfg.generate
+    t0 = time.perf_counter()
+    gen = generate(
+        lm,
+        tok,
+        [p.ids for p in group],
+        gc.max_new_tokens,
+        gc.temperature,
+        gc.top_p,
+        gc.top_k,
+        batch_size=g.generation_batch_size or None,
+    )
+    t1 = time.perf_counter()
+    rewards, parts = scorer(group, gen.texts)
+    rewards_t = torch.tensor(rewards, dtype=torch.float32)
+    adv = group_advantages(rewards_t, g.num_generations, scale=g.scale_rewards)
+    times = {"time/generate": round(t1 - t0, 3), "time/score": round(time.perf_counter() - t1, 3)}
+    return gen, rewards_t, parts, adv, times
+
+
+def learn(trainer, model, ref, gen, adv, cfg: Config, bar) -> tuple[dict, float]:
+    """grpo.epochs_per_step optimizer steps on one rollout; returns (last step's metrics, first ratio).
+
+    Reference log-probs (beta > 0) and, with several epochs, the rollout policy's log-probs are taken
+    first by the same forward path and autocast as training, so the first ratio is 1.
+    """
+    g, reduction = cfg.grpo, cfg.train.loss_reduction
+    loss_fn = partial(grpo_loss, clip_eps=g.clip_eps, beta=g.beta, reduction=reduction)
+    units_fn = partial(grpo_units, reduction=reduction)
+    micro = micro_batches(gen, adv, cfg.train.batch_size, trainer.acc.device)
+    if g.beta:
+        ctx, ref_model = reference_context(model, ref)
+        with trainer.acc.autocast():
+            for b, lp in zip(micro, sequence_logprobs(ref_model, micro, ctx)):
+                b["ref_logp"] = lp
+    if g.epochs_per_step > 1:
+        with trainer.acc.autocast():
+            for b, lp in zip(micro, sequence_logprobs(model, micro)):
+                b["old_logp"] = lp
+    learned, first_ratio = {}, 1.0
+    for epoch in range(g.epochs_per_step):
+        learned = trainer.train_step(micro, loss_fn, units_fn)
+        if epoch == 0:  # on-policy: 1 within float error unless rollout and training disagree
+            first_ratio = learned["ratio_mean"]
+        bar.update(1)
+    return learned, first_ratio
 
 
 def reward_stats(trainer, rewards) -> dict[str, float]:
