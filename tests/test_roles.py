@@ -199,3 +199,16 @@ def test_qlora_actor_gradients_survive_generation(tiny_model_dir, jsonl):
     for n, g in after.items():
         assert g.abs().sum() > 0, n
         assert torch.allclose(g, before[n], rtol=1e-3, atol=1e-6), n
+
+
+def test_separate_layout_with_lora_is_the_four_model_baseline(tiny_model_dir):
+    roles = build_roles(roles_config(tiny_model_dir, "ppo.layout=separate"), CPU)
+    assert roles.layout == "separate" and "fresh LoRA" in roles.notes["actor"]
+    assert roles.ref_policy is not roles.policy and roles.critic.lm is not roles.policy.lm
+    names = trainable_names(roles)
+    assert names and all("lora_" in n or n.startswith("critic.head") for n in names)
+    b = batch(roles.tokenizer)
+    perturb(roles.policy.lm, "lora_B")
+    base0 = base_logps(tiny_model_dir, b)
+    assert torch.allclose(logps(roles, "ref", b), base0, atol=1e-6)
+    assert not torch.allclose(logps(roles, "actor", b), base0, atol=1e-3)

@@ -167,10 +167,17 @@ class PPOConfig:
     )
     samples_every: int = opt(5, "write sample completions every N steps")
     critic_init: str = opt(
-        "base", "critic start: fresh LoRA on the base, or the reward model's adapter and head", ("base", "reward")
+        "base",
+        "critic start: fresh LoRA on the base, or the reward model's adapter and head",
+        ("base", "reward"),
     )
     ptx_data: list[str] = opt([], "SFT data files for the pretraining-loss mix (used when ptx_coef > 0)")
     generation_batch_size: int = opt(0, "prompts generated per batch; 0 = the whole rollout at once")
+    layout: str = opt(
+        "auto",
+        "auto: one shared base with LoRA/QLoRA, separate models for full fine-tuning; separate: always",
+        ("auto", "separate"),
+    )
 
 
 @dataclass

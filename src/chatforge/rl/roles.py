@@ -14,9 +14,10 @@ Classic PPO holds four models. With LoRA/QLoRA chatforge holds ONE frozen base a
                  a separate model                   any other reward model dir
                  nothing                            rule rewards only (ppo.reward_functions)
 
-    separate layout (peft.method none, full fine-tuning): actor, critic (+ value head), a frozen
-    reference copy and the reward model are separate models; ppo.offload_frozen parks the frozen
-    ones on CPU and brings each to the device only while it runs.
+    separate layout (peft.method none, full fine-tuning; or ppo.layout=separate with LoRA, the
+    four-model baseline): actor, critic (+ value head), a frozen reference copy and the reward model
+    are separate models; ppo.offload_frozen parks the frozen ones on CPU and brings each to the
+    device only while it runs.
 
 `Roles.use(role)` is the switch: a context manager that activates the role's adapter (peft
 `set_adapter`, or `disable_adapter()` for the bare base) and restores the previous one. peft's
@@ -178,7 +179,7 @@ def build_roles(cfg, device=None) -> Roles:
         raise ConfigError(
             f"ppo.reward_model: {rm} has no score_head.safetensors (not a `chatforge rm` output)"
         )
-    if cfg.peft.method == "none":
+    if cfg.peft.method == "none" or cfg.ppo.layout == "separate":
         return _separate(cfg, device)
     return _lean(cfg, device)
 
@@ -262,7 +263,8 @@ def _lean(cfg, device) -> Roles:
             scorer, meta, switch=partial(roles.use, "reward"), tokenizer=tok, max_length=cfg.data.max_length
         )
     elif rm:
-        roles.reward = ModelReward.from_dir(rm, device=device, max_length=cfg.data.max_length)
+        dtype = None if pcfg.method == "qlora" else lm.dtype
+        roles.reward = ModelReward.from_dir(rm, device=device, dtype=dtype, max_length=cfg.data.max_length)
         notes["reward"] = f"separate model {rm} (not a LoRA of {base_path})"
     else:
         notes["reward"] = "rule functions: " + ", ".join(cfg.ppo.reward_functions or ["(none)"])
@@ -301,14 +303,19 @@ def load_full(path: str, dtype, device, mcfg):
 
 
 def _separate(cfg, device) -> Roles:
+    from chatforge.models.adapters import apply_peft
     from chatforge.models.heads import ScalarHeadModel, disable_dropout
     from chatforge.models.load import load_tokenizer, resolve_dtype
     from chatforge.models.logprobs import LogprobModel
     from chatforge.rl.rewards import ModelReward
 
-    path = cfg.model.path
+    path, lora = cfg.model.path, cfg.peft.method != "none"
+    if cfg.peft.method == "qlora":
+        raise ConfigError(
+            "ppo.layout=separate supports peft.method lora or none; use ppo.layout=auto for qlora"
+        )
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
-    train_dtype = resolve_dtype(cfg.model.dtype, device, full_finetune=True)
+    train_dtype = resolve_dtype(cfg.model.dtype, device, full_finetune=not lora)
     frozen_dtype = resolve_dtype(cfg.model.dtype, device, full_finetune=False)
     park = cfg.ppo.offload_frozen and device.type != "cpu"
     actor = load_full(path, train_dtype, device, cfg.model)
@@ -321,20 +328,27 @@ def _separate(cfg, device) -> Roles:
     if cfg.model.gradient_checkpointing:
         for m in (actor, critic_lm):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    actor.requires_grad_(True)
-    critic_lm.requires_grad_(True)
+    if lora:  # four separate models with adapters: the baseline the lean layout is measured against
+        actor = apply_peft(actor, cfg.peft, cfg.model.gradient_checkpointing, dropout=0.0)
+        critic_lm = apply_peft(critic_lm, cfg.peft, cfg.model.gradient_checkpointing, dropout=0.0)
+    else:
+        actor.requires_grad_(True)
+        critic_lm.requires_grad_(True)
     ref.eval().requires_grad_(False)
     ref_policy = LogprobModel(ref)
     where = "parked on CPU between uses" if park else "on the device"
+    kind = f"fresh LoRA r={cfg.peft.r}" if lora else "full model"
     notes = {
-        "actor": f"{path} (full model, trainable, {train_dtype})",
-        "critic": f"a second copy of {path} + value head (trainable)",
+        "actor": f"{path} ({kind}, trainable, {train_dtype})",
+        "critic": f"a second copy of {path} ({kind}) + value head (trainable)",
         "ref": f"a frozen copy of {path} ({frozen_dtype}, {where})",
     }
     reward = None
     offload = [ref_policy] if park else []
     if cfg.ppo.reward_model:
-        reward = ModelReward.from_dir(cfg.ppo.reward_model, device=device, max_length=cfg.data.max_length)
+        reward = ModelReward.from_dir(
+            cfg.ppo.reward_model, device=device, dtype=frozen_dtype, max_length=cfg.data.max_length
+        )
         notes["reward"] = f"separate model {cfg.ppo.reward_model} ({where})"
         if park:
             reward.model.to("cpu")
