@@ -222,5 +222,9 @@ def test_bad_prompts_and_config_fail_before_any_model_loads(
         ppo.run(config(tiny_model_dir, jsonl(PROMPTS), tmp_path / "r", reward_file, "ppo.mini_batch_size=5"))
     with pytest.raises(ConfigError, match="ppo needs a reward"):
         ppo.run(load_config(None, [f"model.path={tiny_model_dir}", f"data.train=[{jsonl(PROMPTS)}]"]))
-    with pytest.raises(ConfigError, match="ppo_data|ptx_data"):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="one process"):
+        ppo.run(config(tiny_model_dir, jsonl(PROMPTS), tmp_path / "r", reward_file))
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="ptx_data"):
         ppo.run(config(tiny_model_dir, jsonl(PROMPTS), tmp_path / "r", reward_file, "ppo.ptx_coef=0.5"))

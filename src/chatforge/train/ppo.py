@@ -85,6 +85,8 @@ def minibatch_order(n: int, seed: int, step: int, epoch: int) -> list[int]:
 
 
 def check(cfg: Config) -> None:
+    import os
+
     from chatforge.errors import ConfigError
 
     p = cfg.ppo
@@ -99,6 +101,9 @@ def check(cfg: Config) -> None:
             f"ppo.rollout_batch_size ({p.rollout_batch_size}) must be a multiple of ppo.mini_batch_size "
             f"({p.mini_batch_size})"
         )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the loss runs actor and critic through PPOModel's parts, not its forward, so DDP would not sync
+        raise ConfigError("ppo runs in one process for now: launch it without torchrun/accelerate launch")
     if p.ptx_coef > 0 and not p.ptx_data:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data (SFT files for the pretraining-loss mix)")
 
