@@ -151,9 +151,22 @@ def test_beta_zero_holds_and_computes_no_reference(
     assert len(rows) == 2 and rows[-1]["step"] == 4  # 2 GRPO steps x 2 optimizer steps each
 
 
-def test_resume_after_a_crash_is_exact(tiny_model_dir, jsonl, reward_file, tmp_path):
+@pytest.mark.parametrize(
+    "save_every, error, raised",
+    [(2, "RuntimeError('disk full')", ChatforgeError), (0, "KeyboardInterrupt", KeyboardInterrupt)],
+)
+def test_resume_after_a_crash_is_exact(
+    tiny_model_dir, jsonl, reward_file, tmp_path, save_every, error, raised
+):
+    # a crash in step 3, before it learns: resume from step 2 (a periodic checkpoint, or the one the
+    # crash itself saved) gives the metrics of an uninterrupted run
     data = jsonl(PROMPTS)
-    common = ("train.max_steps=4", "train.save_every=2", "grpo.epochs_per_step=2", "grpo.beta=0.05")
+    common = (
+        "train.max_steps=4",
+        "grpo.epochs_per_step=2",
+        "grpo.beta=0.05",
+        f"train.save_every={save_every}",
+    )
     grpo.run(config(tiny_model_dir, data, tmp_path / "a", reward_file, *common))
 
     crash = tmp_path / "crash" / "rewards.py"
@@ -164,13 +177,14 @@ def test_resume_after_a_crash_is_exact(tiny_model_dir, jsonl, reward_file, tmp_p
         "    global calls\n"
         "    calls += 1\n"
         "    if calls == 3:\n"
-        "        raise RuntimeError('disk full')\n"
+        f"        raise {error}\n"
         "    return [float('7' in r) for r in responses]\n"
     )
     b = tmp_path / "b"
-    with pytest.raises(ChatforgeError, match="raised RuntimeError: disk full"):
+    with pytest.raises(raised):
         grpo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common))
     assert [r["grpo_step"] for r in metrics(b)] == [1, 2]
+    assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-4"]
     grpo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common, "train.resume=true"))
 
     def strip(rows):

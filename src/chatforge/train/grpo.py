@@ -12,7 +12,8 @@ at all when beta is 0).
 
 The shared `Trainer` does the optimizer, accumulation (micro-batches of `train.batch_size`
 completions), logging and checkpoints; `train.max_steps` counts GRPO steps and `train.save_every`
-checkpoints every N of them. Logged per step: reward mean/std and per function, KL, clip fraction,
+checkpoints every N of them; a run stopped between steps (Ctrl-C, a reward function that raises)
+also checkpoints its finished steps, so `train.resume=true` loses nothing. Logged per step: reward mean/std and per function, KL, clip fraction,
 response length, generation tokens/s and the generate/score/learn time split. Sample completions
 go to OUTPUT/samples.jsonl every `grpo.samples_every` steps.
 """
@@ -179,7 +180,7 @@ def run(cfg: Config) -> str:
     from chatforge.models.heads import disable_dropout
     from chatforge.models.load import load_tokenizer, pick_device
     from chatforge.train.common import build_policy, log, save_lm, start_run
-    from chatforge.train.loop import Trainer, _truncate_metrics
+    from chatforge.train.loop import Trainer, _rng_state, _set_rng_state, _truncate_metrics
 
     g, gen_cfg = cfg.grpo, cfg.generate
     if not cfg.data.train:
@@ -212,6 +213,7 @@ def run(cfg: Config) -> str:
         log(f"resumed from GRPO step {start}")
     model = trainer.acc.unwrap_model(trainer.model)
     bar = trainer.progress(initial=start * g.epochs_per_step, desc="grpo")
+    done, rng = start, _rng_state()
     try:
         for step in range(start, steps):
             # under DDP each process takes its own prompts_per_step prompts of the step's global batch
@@ -249,11 +251,27 @@ def run(cfg: Config) -> str:
                 )
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == steps:
                 trainer.save_checkpoint({"grpo_step": step + 1})
+            rng = _rng_state()  # the state a checkpoint of this step would hold
+            done = step + 1
+    except BaseException:
+        # Ctrl-C or an error (a reward function that raises) between steps: keep the finished steps,
+        # unless the next one had already started learning (then resume from the last checkpoint)
+        if done > start and trainer.step == done * g.epochs_per_step and not _saved(trainer):
+            _set_rng_state(rng)
+            trainer.save_checkpoint({"grpo_step": done, "interrupted": True})
+            log(f"stopped; saved a checkpoint at GRPO step {done} (train.resume=true continues)")
+        raise
     finally:
         trainer.close()
     final = save_lm(trainer, trainer.model, tok)
     log(f"done: {final}")
     return str(final)
+
+
+def _saved(trainer) -> bool:
+    """Whether the newest checkpoint is of the trainer's current step."""
+    ckpts = trainer.checkpoints()
+    return bool(ckpts) and ckpts[-1].name == f"step-{trainer.step}"
 
 
 def rollout(lm, tok, group, scorer: Scorer, cfg: Config):
