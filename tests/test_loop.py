@@ -132,3 +132,10 @@ def test_too_little_data_is_a_clear_error():
 
     with pytest.raises(ChatforgeError, match="fewer than one global batch"):
         steps_for(3, TrainConfig(batch_size=4))
+
+
+def test_a_fresh_run_in_a_used_dir_replaces_the_old_metrics(tmp_path, tokenizer):
+    for _ in range(2):
+        trainer, _ = make_trainer(tmp_path, tokenizer, batch_size=4, max_steps=3)
+        trainer.fit(items(), collate, loss_fn, units_fn)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]

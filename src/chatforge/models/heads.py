@@ -63,7 +63,9 @@ class ScalarHeadModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """Values (B, T) fp32, one per token."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-        return self.head(hidden.float()).squeeze(-1)
+        # autocast would run the small head in bf16; scores and values stay fp32
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden.float()).squeeze(-1)
 
     def score(self, input_ids, attention_mask) -> torch.Tensor:
         """Scores (B,) fp32 read at each row's last real token."""

@@ -106,6 +106,8 @@ class Trainer:
         )
         self.model, self.optimizer = self.acc.prepare(model, opt)
         self.step = 0
+        self._start_step = 0  # metrics logged after this by an earlier run in the same dir are stale
+        self._metrics_open = False
         self.writer = None
         self._bar = None
         self._last_log = (time.perf_counter(), 0)
@@ -190,6 +192,10 @@ class Trainer:
             record["tokens_per_s"] = round(tokens / max(now - t0, 1e-9), 1)
         if not self.is_main:
             return
+        if not self._metrics_open:
+            # a fresh run in a used dir replaces the old curve instead of appending to it
+            _truncate_metrics(self.out / "metrics.jsonl", self._start_step)
+            self._metrics_open = True
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is None:
@@ -286,7 +292,7 @@ class Trainer:
         rng = path / f"rng-{self.acc.process_index}.pt"
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
-        self.step = state["step"]
+        self.step = self._start_step = state["step"]
         if self.is_main:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
         return state
