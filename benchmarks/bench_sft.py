@@ -51,10 +51,11 @@ class Clock(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw): self.t = time.perf_counter()
     def on_step_end(self, args, state, control, **kw): counted.append(time.perf_counter() - self.t)
 cfg = SFTConfig(output_dir="{out}", per_device_train_batch_size=8, max_length=256, max_steps={steps},
-                logging_steps=1, report_to=[], bf16=True, save_strategy="no", learning_rate=1e-4,
+                logging_steps=1, report_to=[], bf16=True, use_cpu=True, save_strategy="no", learning_rate=1e-4,
                 dataloader_num_workers=0, packing=False)
 lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
-trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora)
+trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora,
+                     callbacks=[Clock()])
 inner = trainer.data_collator
 tokens = []
 def collate(batch):
