@@ -105,6 +105,37 @@ def experience(tiny_model_dir, tmp_path, jsonl):
     return roles, exp
 
 
+def test_experience_rewards_follow_kl_score_and_eos_penalty(experience):
+    roles, exp = experience
+    B, R = exp.response_mask.shape
+    assert exp.input_ids.shape == exp.attention_mask.shape == exp.position_ids.shape
+    for name in ("old_logp", "ref_logp", "old_values", "kl", "rewards", "advantages", "returns"):
+        assert getattr(exp, name).shape == (B, R), name
+    # the actor starts as the SFT adapter, which is also the reference: KL 0 everywhere
+    assert torch.equal(exp.old_logp, exp.ref_logp) and not exp.kl.any()
+    last = exp.response_mask.sum(1) - 1
+    want = torch.zeros(B, R).scatter(1, last[:, None], exp.scores[:, None])
+    assert torch.equal(exp.rewards, want)
+    text_len = torch.tensor(
+        [
+            float(len(t))
+            for t in roles.tokenizer.batch_decode(
+                exp.input_ids[:, -R:].masked_fill(exp.response_mask == 0, roles.tokenizer.pad_token_id),
+                skip_special_tokens=True,
+            )
+        ]
+    )
+    from chatforge.data.templates import stop_token_ids
+
+    last_token = exp.input_ids[:, -R:].gather(1, last[:, None]).squeeze(1)
+    stopped = torch.isin(last_token, torch.tensor(stop_token_ids(roles.tokenizer)))
+    assert exp.scores == pytest.approx((-(text_len / 200).clamp(max=1) - 0.5 * (~stopped).float()).tolist())
+    m = exp.response_mask.bool()
+    assert float(exp.advantages[m].mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(exp.advantages[m].std(correction=0)) == pytest.approx(1.0, abs=1e-3)
+    assert not exp.advantages[~m].any() and not exp.returns[~m].any()
+
+
 def test_first_ratio_is_one(experience):
     roles, exp = experience
     model = roles.model().train()

@@ -77,11 +77,12 @@ def score(roles, scorer, prompts, gen, score_clip: float = 0.0, missing_eos_pena
 def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Per-token rewards (B, R): -kl_coef * kl on response tokens, plus each score at its last token.
 
-    >>> token_rewards(torch.ones(1, 3), torch.tensor([2.0]), torch.tensor([[1, 1, 0]]), 0.1).tolist()
-    [[-0.10000000149011612, 1.899999976158203, 0.0]]
+    >>> r = token_rewards(torch.ones(1, 3), torch.tensor([2.0]), torch.tensor([[1, 1, 0]]), 0.1)
+    >>> [round(x, 4) for x in r[0].tolist()]
+    [-0.1, 1.9, 0.0]
     """
     m = mask.float()
-    rewards = -kl_coef * kl.float() * m
+    rewards = (-kl_coef * kl.float()).masked_fill(m == 0, 0.0)
     last = (m.sum(1).long() - 1).clamp(min=0)
     return rewards.scatter_add(1, last[:, None], scores.float().to(rewards.device)[:, None])
 
