@@ -183,8 +183,8 @@ def test_ptx_batch_adds_its_own_mean_nll(experience, tokenizer):
 def test_resume_after_a_crash_is_exact(tiny_model_dir, jsonl, reward_file, tmp_path):
     data = jsonl(PROMPTS)
     common = (
-        "train.max_steps=3",
-        "train.save_every=2",
+        "train.max_steps=4",
+        "train.save_every=3",
         "generate.max_new_tokens=8",
         "ppo.rollout_batch_size=8",
         "ppo.mini_batch_size=4",
@@ -214,13 +214,15 @@ def test_resume_after_a_crash_is_exact(tiny_model_dir, jsonl, reward_file, tmp_p
     with pytest.raises(ChatforgeError, match="reward function .*has_seven' raised RuntimeError: disk full"):
         ppo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common))
     assert [r["ppo_step"] for r in metrics(b)] == [1, 2]
+    # save_every=3, but the two finished steps were checkpointed when the reward function raised
+    assert json.loads((b / "checkpoints" / "step-4" / "state.json").read_text())["ppo_step"] == 2
     ppo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common, "train.resume=true"))
 
     def strip(rows):
         return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
     got, want = strip(metrics(b)), strip(metrics(tmp_path / "a"))
-    assert [r["ppo_step"] for r in got] == [1, 2, 3] and got[-1]["step"] == 6
+    assert [r["ppo_step"] for r in got] == [1, 2, 3, 4] and got[-1]["step"] == 8
     assert got == want
     assert got[-1]["kl_coef"] != 0.05  # the adaptive controller moved, and its state resumed
     samples = lambda d: [json.loads(x)["response"] for x in (d / "samples.jsonl").read_text().splitlines()]  # noqa: E731

@@ -12,7 +12,8 @@ an SFT loss on `ppo.ptx_data`). The KL coefficient is fixed or adaptive (`ppo.kl
 Where the roles live is `chatforge.rl.roles` (printed at start-up): with LoRA one frozen base and
 actor/critic/reference/reward adapters. The shared `Trainer` does the optimizer (the critic may
 have its own `ppo.critic_lr`), accumulation, logging and checkpoints; `train.max_steps` counts PPO
-steps. Output: OUTPUT/final (the actor: an adapter dir, the critic adapter + value head in
+steps; a run stopped between steps (Ctrl-C, a reward function that raises) also checkpoints its
+finished steps. Output: OUTPUT/final (the actor: an adapter dir, the critic adapter + value head in
 final/critic/), metrics.jsonl, samples.jsonl every `ppo.samples_every` steps.
 """
 
@@ -135,7 +136,7 @@ def run(cfg: Config) -> str:
     from chatforge.rl.roles import build_roles
     from chatforge.train.common import log, start_run
     from chatforge.train.grpo import Scorer
-    from chatforge.train.loop import Trainer, _truncate_metrics
+    from chatforge.train.loop import Trainer, _rng_state, _set_rng_state, _truncate_metrics
 
     check(cfg)
     p, gen_cfg = cfg.ppo, cfg.generate
@@ -181,6 +182,7 @@ def run(cfg: Config) -> str:
     units_fn = partial(ppo_units, reduction=reduction)
     bs = cfg.train.batch_size
     bar = trainer.progress(initial=start * per_rollout, desc="ppo")
+    done, rng, kl_state = start, _rng_state(), kl_ctl.state_dict()
     try:
         for step in range(start, steps):
             prompts = prompts_for_step(items, step, p.rollout_batch_size, cfg.train.seed)
@@ -247,6 +249,17 @@ def run(cfg: Config) -> str:
                 write_samples(out / "samples.jsonl", trainer.step, prompts, rollout)
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == steps:
                 trainer.save_checkpoint({"ppo_step": step + 1, "kl_ctl": kl_ctl.state_dict()})
+            done, rng, kl_state = step + 1, _rng_state(), kl_ctl.state_dict()
+    except BaseException:
+        # Ctrl-C or an error (a reward function that raises) between steps: keep the finished steps,
+        # unless the next one had already started learning (then resume from the last checkpoint)
+        ckpts = trainer.checkpoints()
+        saved = bool(ckpts) and ckpts[-1].name == f"step-{trainer.step}"
+        if done > start and trainer.step == done * per_rollout and not saved:
+            _set_rng_state(rng)
+            trainer.save_checkpoint({"ppo_step": done, "kl_ctl": kl_state, "interrupted": True})
+            log(f"stopped; saved a checkpoint at PPO step {done} (train.resume=true continues)")
+        raise
     finally:
         trainer.close()
     final = trainer.save_final(partial(save_actor, roles))
