@@ -62,7 +62,11 @@ def reward_file(tmp_path):
 
 def test_rule_reward_rises_and_everything_is_logged(tiny_model_dir, jsonl, reward_file, tmp_path, capsys):
     out = tmp_path / "run"
-    final = ppo.run(config(tiny_model_dir, jsonl(PROMPTS), out, reward_file, "train.max_steps=14"))
+    # real PPO: 2 epochs x 2 shuffled minibatches of 8 per rollout of 16, 2 micro-batches each
+    overrides = ("ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "train.batch_size=4", "train.lr=1e-2")
+    final = ppo.run(
+        config(tiny_model_dir, jsonl(PROMPTS), out, reward_file, "train.max_steps=14", *overrides)
+    )
     assert "PPO layout: lean" in capsys.readouterr().out
     rows = metrics(out)
     rewards = [r["reward"] for r in rows]
@@ -73,6 +77,7 @@ def test_rule_reward_rises_and_everything_is_logged(tiny_model_dir, jsonl, rewar
     want |= {"time/generate", "time/score", "time/learn", "ppo_step", "policy_loss", "ratio_mean"}
     assert want <= set(rows[-1]), want - set(rows[-1])
     assert rows[-1]["kl"] > 0 and rows[-1]["explained_variance"] != 0
+    assert rows[-1]["step"] == 14 * 4 and max(r["clip_frac"] for r in rows) > 0  # later epochs clip
     assert (out / "final" / "adapter_config.json").is_file() and final == str(out / "final")
     assert (out / "final" / "critic" / "adapter_config.json").is_file()
     assert (out / "final" / "critic" / "value_head.safetensors").is_file()
