@@ -202,6 +202,8 @@ def test_qlora_actor_gradients_survive_generation(tiny_model_dir, jsonl):
 
 
 def test_separate_layout_with_lora_is_the_four_model_baseline(tiny_model_dir):
+    with pytest.raises(ConfigError, match="critic_init=reward needs the lean layout"):
+        build_roles(roles_config(tiny_model_dir, "ppo.layout=separate", "ppo.critic_init=reward"), CPU)
     roles = build_roles(roles_config(tiny_model_dir, "ppo.layout=separate"), CPU)
     assert roles.layout == "separate" and "fresh LoRA" in roles.notes["actor"]
     assert roles.ref_policy is not roles.policy and roles.critic.lm is not roles.policy.lm

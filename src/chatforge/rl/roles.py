@@ -180,6 +180,8 @@ def build_roles(cfg, device=None) -> Roles:
             f"ppo.reward_model: {rm} has no score_head.safetensors (not a `chatforge rm` output)"
         )
     if cfg.peft.method == "none" or cfg.ppo.layout == "separate":
+        if cfg.ppo.critic_init == "reward":
+            raise ConfigError("ppo.critic_init=reward needs the lean layout (peft.method lora or qlora)")
         return _separate(cfg, device)
     return _lean(cfg, device)
 
