@@ -43,18 +43,26 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path, mon
     cfg = pipeline_config(
         tiny_model_dir,
         run,
-        "pipeline.stages=[sft, rm, dpo, grpo]",
-        "pipeline.overrides={dpo: {train.max_steps: 3}, grpo: {grpo.prompts_per_step: 2, grpo.num_generations: 2, generate.max_new_tokens: 4}}",
+        "pipeline.stages=[sft, rm, ppo, dpo, grpo]",
+        "generate.max_new_tokens=4",
+        "ppo.rollout_batch_size=4",
+        "ppo.mini_batch_size=4",
+        "ppo.ppo_epochs=1",
+        "pipeline.overrides={dpo: {train.max_steps: 3}, grpo: {grpo.prompts_per_step: 2, grpo.num_generations: 2}}",
     )
     report = Path(pipeline.run(cfg))
-    for stage in ("sft", "rm", "dpo", "grpo"):
+    for stage in ("sft", "rm", "ppo", "dpo", "grpo"):
         assert (run / stage / "final").is_dir() and (run / stage / "done").is_file()
     # SFT feeds the later stages through its merged adapter; the RM scores every evaluated policy.
     assert json.loads((run / "sft" / "done").read_text())["model"] == str(run / "sft" / "merged")
-    assert load_config(run / "dpo" / "config.yaml").model.path == str(run / "sft" / "merged")
+    ppo_cfg = load_config(run / "ppo" / "config.yaml")
+    assert ppo_cfg.model.path == str(run / "sft" / "merged") and ppo_cfg.ppo.reward_model == str(
+        run / "rm" / "final"
+    )
+    assert load_config(run / "dpo" / "config.yaml").model.path == str(run / "ppo" / "merged")
     assert load_config(run / "grpo" / "config.yaml").model.path == str(run / "dpo" / "merged")
     assert steps(run / "sft") == [1, 2] and steps(run / "dpo") == [1, 2, 3]  # per-stage override
-    for label in ("base", "sft", "dpo", "grpo"):
+    for label in ("base", "sft", "ppo", "dpo", "grpo"):
         result = json.loads((run / "eval" / f"{label}.json").read_text())
         assert result["exact"]["n"] == 6 and len(result["responses"]) == 6
         assert len(result["reward"]["scores"]) == 6
@@ -62,7 +70,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path, mon
     assert report == run / "report.md"
     md, page = report.read_text(), (run / "report.html").read_text()
     assert "| base |" in md and "| grpo |" in md and "pair accuracy" in md
-    assert (run / "plots" / "sft.png").is_file() and page.count("data:image/png;base64,") == 5
+    assert (run / "plots" / "sft.png").is_file() and page.count("data:image/png;base64,") == 6
 
     def must_not_run(stage, scfg):
         raise AssertionError(f"{stage} ran again")
