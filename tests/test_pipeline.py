@@ -81,15 +81,20 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path, mon
     assert pipeline.run(cfg) == str(report)
 
 
-def test_an_interrupted_stage_resumes_from_its_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_stage_resumes_and_a_finished_one_feeds_a_new_stage(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     run = tmp_path / "run"
-    cfg = pipeline_config(
+    cfg_args = (
         tiny_model_dir,
         run,
-        "pipeline.stages=[sft]",
         "train.max_steps=4",
         "train.save_every=2",
         "pipeline.eval_base=false",
+    )
+    cfg = pipeline_config(
+        *cfg_args,
+        "pipeline.stages=[sft]",
     )
     real_step = Trainer.train_step
 
@@ -110,6 +115,10 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(tiny_model_dir, tmp_pa
     assert "resuming sft" in out and "resumed from step 3" in out
     assert steps(run / "sft") == [1, 2, 3, 4]
     assert json.loads((run / "sft" / "done").read_text())["resumed"] is True
+    # Adding a stage later reuses the finished SFT, merged now that a later stage starts from it.
+    pipeline.run(pipeline_config(*cfg_args, "pipeline.stages=[sft, dpo]"))
+    assert load_config(run / "dpo" / "config.yaml").model.path == str(run / "sft" / "merged")
+    assert steps(run / "sft") == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(

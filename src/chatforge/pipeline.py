@@ -265,6 +265,10 @@ def run(cfg: Config) -> str:
         if done.is_file():
             stats = json.loads(done.read_text())
             log(f"{stage}: finished earlier, skipped ({stats['final']})")
+            if STAGES[stage][2] and feeds_later and stats.get("model", stats["final"]) == stats["final"]:
+                # It was the last stage then; now a later stage needs it as a plain model dir.
+                stats["model"] = policy_dir(stage_dir, stats["final"], True)
+                done.write_text(json.dumps(stats, indent=1))
         else:
             scfg = stage_config(cfg, stage, run_dir, model, data, rm)
             verb = "resuming" if scfg.train.resume else "running"
