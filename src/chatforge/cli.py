@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `chatforge sft --help | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
     return 0
 
 
