@@ -12,14 +12,14 @@ from chatforge.report import write_report
 ITEMS = [{"prompt": f"What is {i} + 1? Answer with just the number.", "answer": str(i + 1)} for i in range(4)]
 
 
-def _eval(run, label, responses, reward):
+def _eval(run, label, responses, reward, scores=None):
     items = [{**it, "task": "arithmetic"} for it in ITEMS]
     result = {
         "label": label,
         "data": str(run / "data" / "eval.jsonl"),
         "responses": responses,
         "exact": accuracy(items, responses),
-        "reward": {"mean": reward},
+        "reward": {"mean": reward, **({"scores": scores} if scores else {})},
         "generate_tokens_per_s": 100.0,
         "wall_s": 2.0,
     }
@@ -40,7 +40,7 @@ def test_report_tables_plots_samples_and_self_contained_html(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     _eval(run, "base", ["The answer is 1.", "two", "3 apples", "I think 4"], -1.0)
     _eval(run, "sft", ["1", "2", "5", "7"], 0.5)
-    _eval(run, "ppo", ["1", "2", "3", "7"], 1.25)
+    _eval(run, "ppo", ["1", "2", "3", "7"], 1.25, scores=[2.0, 0.0, 1.0, 0.5])
     (run / "eval" / "rm.json").write_text(json.dumps({"pair_accuracy": 0.9, "n": 100}))
     _metrics(
         run / "sft" / "metrics.jsonl", [{"step": s, "loss": 3 / s, "tokens_per_s": 300.0} for s in (1, 2, 3)]
@@ -59,9 +59,14 @@ def test_report_tables_plots_samples_and_self_contained_html(tmp_path):
     md, page = md_path.read_text(), (run / "report.html").read_text()
     # base 0/4 -> sft 2/4 -> ppo 3/4, each change with its noise in standard errors
     se = lambda p: math.sqrt(p * (1 - p) / 4)  # noqa: E731
-    assert "| base | 0.000 ± 0.000 | 0/4 | - | -1.000 |" in md
-    assert f"| sft | 0.500 ± {se(0.5):.3f} | 2/4 | +0.500 ({0.5 / se(0.5):+.1f} s.e.) | 0.500 |" in md
-    assert f"| ppo | 0.750 ± {se(0.75):.3f} | 3/4 | +0.250 " in md
+    # paired s.e. of the per-item differences: base->sft d=[1,1,0,0] sd/sqrt(n) = sqrt(1/12);
+    # sft->ppo d=[0,0,1,0] gives 0.25. The RM ranks ppo's right answers (2, 0, 1) over its wrong
+    # one (0.5) in 2 of 3 pairs.
+    assert "| base | 0.000 ± 0.000 | 0/4 | - | -1.000 | - |" in md
+    paired = 0.5 / math.sqrt(1 / 12)
+    assert f"| sft | 0.500 ± {se(0.5):.3f} | 2/4 | +0.500 ({paired:+.1f} paired s.e., +2.0 unpaired) | 0.500 | - |" in md
+    assert f"| ppo | 0.750 ± {se(0.75):.3f} | 3/4 | +0.250 (+1.0 paired s.e., " in md
+    assert "| 1.250 | 0.667 |" in md
     assert "pair accuracy 0.900" in md
     assert (
         "| sft | done | 3 | 60 | 2.50 | 300 | - |" in md and "| ppo | done | 2 | 90 | 2.50 | - | 50 |" in md

@@ -31,6 +31,53 @@ def binomial_stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
+def paired_stderr(before: list[bool], after: list[bool]) -> float:
+    """Standard error of the accuracy change between two models answering the same n items.
+
+    The per-item differences d_i = after_i - before_i are in {-1, 0, 1}; the s.e. of their mean is
+    sd(d) / sqrt(n). Items both models get right (or wrong) add no noise, so this is the fair yardstick
+    for "did this stage help", and usually well below the unpaired sqrt(se_a^2 + se_b^2).
+
+    >>> round(paired_stderr([True, False, True, False], [True, True, True, False]), 3)
+    0.25
+    >>> paired_stderr([True, False], [True, False])
+    0.0
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_stderr: {len(before)} answers against {len(after)}")
+    n = len(before)
+    if n < 2:
+        return 0.0
+    d = [int(b) - int(a) for a, b in zip(before, after)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return math.sqrt(var / n)
+
+
+def auc(positive: list[float], negative: list[float]) -> float | None:
+    """Probability that a random positive scores above a random negative (ties count half).
+
+    Used to ask whether a reward model ranks a policy's correct answers above its wrong ones.
+
+    >>> auc([3.0, 2.0], [1.0, 2.0]), auc([1.0], [])
+    (0.875, None)
+    """
+    if not positive or not negative:
+        return None
+    ranked = sorted([(s, 1) for s in positive] + [(s, 0) for s in negative])
+    # rank-sum (Mann-Whitney) with average ranks for ties: O(n log n)
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        avg = (i + j + 1) / 2  # 1-based average rank of the tie block
+        rank_sum += avg * sum(lab for _, lab in ranked[i:j])
+        i = j
+    n_pos, n_neg = len(positive), len(negative)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def load_inference_model(path: str, dtype: str = "auto", device=None):
     """(causal LM in eval mode, tokenizer) from a model dir, an adapter dir, a .gguf file or 'default'.
 

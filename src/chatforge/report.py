@@ -138,6 +138,32 @@ def plot_accuracy(evals: dict[str, dict], out: Path) -> Path | None:
 
 
 # ---- content -------------------------------------------------------------------------------------
+def _change(before: dict, after: dict) -> str:
+    """'+0.085 (+3.1 paired s.e., +2.0 unpaired)': an accuracy change and its size in noise units."""
+    from chatforge.evaluate import paired_stderr
+
+    delta = after["accuracy"] - before["accuracy"]
+    unpaired = math.sqrt(before["stderr"] ** 2 + after["stderr"] ** 2)
+    parts = []
+    a, b = before.get("is_correct"), after.get("is_correct")
+    if a and b and len(a) == len(b) and (paired := paired_stderr(a, b)):
+        parts.append(f"{delta / paired:+.1f} paired s.e.")
+    if unpaired:
+        parts.append(f"{delta / unpaired:+.1f} unpaired")
+    return f"{delta:+.3f} ({', '.join(parts)})" if parts else f"{delta:+.3f}"
+
+
+def _rm_auc(result: dict) -> float | None:
+    """The reward model's AUC separating this model's correct eval answers from its wrong ones."""
+    from chatforge.evaluate import auc
+
+    scores = (result.get("reward") or {}).get("scores")
+    correct = result["exact"].get("is_correct")
+    if not scores or not correct or len(scores) != len(correct):
+        return None
+    return auc([s for s, c in zip(scores, correct) if c], [s for s, c in zip(scores, correct) if not c])
+
+
 def _fmt(v, digits: int = 3) -> str:
     if v is None:
         return "-"
@@ -169,9 +195,7 @@ def build(run: Path) -> list[tuple]:
             x = e["exact"]
             gap = "-"
             if prev is not None:
-                noise = math.sqrt(prev["stderr"] ** 2 + x["stderr"] ** 2)
-                delta = x["accuracy"] - prev["accuracy"]
-                gap = f"{delta:+.3f} ({delta / noise:+.1f} s.e.)" if noise else f"{delta:+.3f}"
+                gap = _change(prev, x)
             reward = (e.get("reward") or {}).get("mean")
             rows.append(
                 [
@@ -180,6 +204,7 @@ def build(run: Path) -> list[tuple]:
                     f"{x['correct']}/{x['n']}",
                     gap,
                     _fmt(reward),
+                    _fmt(_rm_auc(e)),
                     _fmt(e.get("generate_tokens_per_s"), 1),
                 ]
             )
@@ -188,8 +213,9 @@ def build(run: Path) -> list[tuple]:
             "model",
             "exact accuracy ± s.e.",
             "correct",
-            "change vs previous",
+            "change vs previous (paired s.e.)",
             "mean RM score",
+            "RM AUC right vs wrong",
             "gen tok/s",
         ]
         blocks.append(("table", head, rows))
@@ -198,8 +224,12 @@ def build(run: Path) -> list[tuple]:
             (
                 "p",
                 f"{n} held-out items (greedy decoding); ± is the binomial standard error sqrt(p(1-p)/n), "
-                "about 0.035 at p=0.5 with 200 items. A change is beyond sampling noise when it exceeds "
-                "about 2 standard errors of the difference (the s.e. column of 'change').",
+                "about 0.035 at p=0.5 with 200 items. Both models answer the same items, so a change is "
+                "measured against the paired standard error of the per-item differences, and the "
+                "unpaired sqrt(se_a^2 + se_b^2) is shown after it; a change beyond about 2 s.e. is "
+                "beyond sampling noise. 'RM AUC' is how often the reward model scores one of this "
+                "model's correct answers above one of its wrong ones (0.5 = it cannot tell them apart; "
+                "PPO can only learn what the reward model can see).",
             )
         )
         tasks = sorted({t for e in evals.values() for t in e["exact"].get("per_task", {})})

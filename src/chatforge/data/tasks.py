@@ -210,6 +210,11 @@ def _js(obj: dict) -> str:
     return json.dumps(obj)
 
 
+def _other_word(w: str) -> str:
+    """Another word from the list, chosen without randomness (keeps every split's draws unchanged)."""
+    return _WORDS[(_WORDS.index(w) + 1) % len(_WORDS)] if w in _WORDS else w + "s"
+
+
 def _format(rng: random.Random, split: str) -> Problem:
     kind = rng.choice(
         ["upper", "lower", "first_letter", "color_upper", "json_word", "json_two", "json_color"]
@@ -220,15 +225,23 @@ def _format(rng: random.Random, split: str) -> Problem:
         verbose = "Sure! Here it is: "
         if kind == "upper":
             prompt, answer = f"Repeat the word {w} in upper case. Reply with just that word.", w.upper()
-            wrong = _wrong(answer, w, w.capitalize(), verbose + answer, f"{answer}!")
+            # Wrong form (case, chatter) and wrong content in the right form (another word, a
+            # clipped one): a reward model must check both, or PPO learns to shout any word.
+            wrong = _wrong(
+                answer, w, w.capitalize(), verbose + answer, f"{answer}!", _other_word(w).upper(), answer[:-1]
+            )
         elif kind == "lower":
             prompt = f"Write the word {w.upper()} in lower case. Reply with just that word."
             answer = w
-            wrong = _wrong(answer, w.upper(), w.capitalize(), verbose + answer, f'"{answer}"')
+            wrong = _wrong(
+                answer, w.upper(), w.capitalize(), verbose + answer, f'"{answer}"', _other_word(w), w[1:]
+            )
         else:
             prompt = f"What is the first letter of the word {w}? Reply with just the letter in upper case."
             answer = w[0].upper()
-            wrong = _wrong(answer, w[0], w[-1].upper(), w.upper(), f"The first letter is {answer}.")
+            wrong = _wrong(
+                answer, w[0], w[-1].upper(), w[1].upper(), w.upper(), f"The first letter is {answer}."
+            )
     elif kind == "color_upper":
         thing, color = rng.choice(_FACTS)
         key = ("format", kind, thing)
@@ -240,7 +253,9 @@ def _format(rng: random.Random, split: str) -> Problem:
         key = ("format", kind, k, w)
         prompt, answer = f'{_JSON_ONLY} with key "{k}" set to "{w}".', _js({k: w})
         other_key = rng.choice([x for x in _KEYS if x != k])
-        wrong = _wrong(answer, f"{{'{k}': '{w}'}}", f'{{"{k}": "{w}"', _js({other_key: w}), w)
+        wrong = _wrong(
+            answer, f"{{'{k}': '{w}'}}", f'{{"{k}": "{w}"', _js({other_key: w}), w, _js({k: _other_word(w)})
+        )
     elif kind == "json_two":
         k1, k2 = rng.sample(_KEYS, 2)
         w1, w2 = rng.sample(_WORDS, 2)
@@ -248,7 +263,12 @@ def _format(rng: random.Random, split: str) -> Problem:
         prompt = f'{_JSON_ONLY} with keys "{k1}" and "{k2}" set to "{w1}" and "{w2}".'
         answer = _js({k1: w1, k2: w2})
         wrong = _wrong(
-            answer, _js({k1: w2, k2: w1}), _js({k1: w1}), f'{{"{k1}": "{w1}", "{k2}": "{w2}"', f"{w1} {w2}"
+            answer,
+            _js({k1: w2, k2: w1}),
+            _js({k1: w1}),
+            f'{{"{k1}": "{w1}", "{k2}": "{w2}"',
+            f"{w1} {w2}",
+            _js({k1: w1, k2: w1}),
         )
     else:
         thing, color = rng.choice(_FACTS)
