@@ -150,12 +150,14 @@ def test_reward_lora_of_the_same_base_is_an_adapter_scoring_like_the_separate_mo
         shared = roles.reward.score_texts(convs, texts)
     assert shared == pytest.approx(alone.score_texts(convs, texts), abs=1e-5)
     assert roles._active == "actor"  # scoring switched back
-    # critic_init=reward: the critic starts as the reward model (raw score at the last token)
+    # critic_init=reward: the critic starts as the reward model, in the units PPO rewards are in
+    # (the raw score normalised with the RM's saved mean 0.5 and std 2.0) at the last token
     b = batch(roles.tokenizer)
     with torch.no_grad():
         raw = alone.model.score(b["input_ids"], b["attention_mask"])
     last = b["attention_mask"].sum(1) - 1
-    assert values(roles, b).gather(1, last[:, None]).squeeze(1) == pytest.approx(raw.tolist(), abs=1e-5)
+    expected = ((raw - 0.5) / 2.0).tolist()
+    assert values(roles, b).gather(1, last[:, None]).squeeze(1) == pytest.approx(expected, abs=1e-5)
 
 
 def test_reward_model_on_another_base_is_a_separate_model(tiny_model_dir, tmp_path):

@@ -99,6 +99,21 @@ def load_head(model_dir: str | Path, name: str = "score") -> tuple[nn.Linear, di
     return head, meta
 
 
+@torch.no_grad()
+def normalise_head(head: nn.Linear, mean: float, std: float) -> nn.Linear:
+    """Rescale a linear head in place so it outputs (old_output - mean) / std.
+
+    >>> h = nn.Linear(2, 1); x = torch.randn(3, 2); before = h(x)
+    >>> torch.allclose(normalise_head(h, 1.5, 2.0)(x), (before - 1.5) / 2.0, atol=1e-6)
+    True
+    """
+    head.weight.div_(std)
+    if head.bias is None:
+        head.bias = nn.Parameter(torch.zeros(head.out_features, dtype=head.weight.dtype))
+    head.bias.sub_(mean).div_(std)
+    return head
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout to p=0 so rollout and training log-probs agree (RL needs ratio 1 at start)."""
     for m in model.modules():

@@ -190,7 +190,7 @@ def _lean(cfg, device) -> Roles:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     from chatforge.models.adapters import is_adapter_dir, lora_config
-    from chatforge.models.heads import ScalarHeadModel, disable_dropout, load_head
+    from chatforge.models.heads import ScalarHeadModel, disable_dropout, load_head, normalise_head
     from chatforge.models.load import load_for_training, load_tokenizer
     from chatforge.models.logprobs import LogprobModel
     from chatforge.rl.rewards import ModelReward
@@ -233,7 +233,11 @@ def _lean(cfg, device) -> Roles:
         notes["reward"] = f'adapter "reward" + score head from {rm}'
     if cfg.ppo.critic_init == "reward" and rm_lean:
         peft.load_adapter(rm, adapter_name="critic", is_trainable=True)
-        value_head, _ = load_head(rm, "score")
+        value_head, meta = load_head(rm, "score")
+        # PPO's rewards are the RM scores normalised with its saved statistics: start the value
+        # head in those units, so its first predictions are already the expected reward
+        norm = ModelReward(None, meta)
+        normalise_head(value_head, norm.mean, norm.std)
         notes["critic"] = f'adapter "critic" + value head, trainable, initialised from {rm}'
     else:
         if cfg.ppo.critic_init == "reward":
