@@ -46,3 +46,18 @@ def test_head_logprobs_gradients_match_autograd(head_trainable):
     torch.testing.assert_close(got_h, hidden.grad)
     if head_trainable:
         torch.testing.assert_close(got_w, head.weight.grad)
+
+
+def test_logprob_model_scores_the_tempered_distribution(tokenizer):
+    """RL sets the sampling temperature on the policy: its log-probs are log softmax(logits / T)."""
+    from chatforge.models.logprobs import LogprobModel
+
+    lm = tiny_model("llama", tokenizer).eval()
+    ids = torch.randint(5, len(tokenizer), (2, 10))
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits[:, :-1].float()
+        want = torch.log_softmax(logits / 0.7, -1).gather(2, ids[:, 1:, None]).squeeze(2)
+        got, _ = LogprobModel(lm, temperature=0.7)(ids)
+        plain, _ = LogprobModel(lm)(ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, got, atol=1e-3)

@@ -170,11 +170,16 @@ class LogprobModel(nn.Module):
     """A causal LM whose forward returns per-token log-probs (see `token_logprobs`).
 
     Composition, not subclassing: `.lm` is the transformers (or peft) model, saved and loaded as is.
+    `temperature` divides the logits: RL sets it to the sampling temperature, so the log-probs are
+    those of the distribution the rollouts were drawn from and the PPO ratio is a true importance
+    ratio (greedy decoding of the tempered policy is unchanged).
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, temperature: float = 1.0):
         super().__init__()
         self.lm = lm
+        self.temperature = temperature
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, target_mask=None, **kw):
+        kw.setdefault("temperature", self.temperature)
         return token_logprobs(self.lm, input_ids, attention_mask, position_ids, target_mask, **kw)

@@ -200,6 +200,10 @@ def run(cfg: Config) -> str:
     policy, tok = build_policy(cfg, dropout=0.0)
     disable_dropout(policy.lm)
     ref = load_reference(cfg, device)
+    # log-probs of the tempered distribution the completions are sampled from
+    for m in (policy, ref):
+        if m is not None:
+            m.temperature = gen_cfg.temperature
     log(
         "reference: "
         + ("none (grpo.beta=0)" if g.beta == 0 else "frozen copy" if ref is not None else "adapter disabled")

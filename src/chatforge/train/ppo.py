@@ -161,6 +161,9 @@ def run(cfg: Config) -> str:
         if rules.needs_answers:
             require_answers(items, ", ".join(rules.needs_answers))
     roles = build_roles(cfg, device)
+    # log-probs of the tempered distribution the rollouts are sampled from (actor and reference)
+    for m in {id(x): x for x in (roles.policy, roles.ref_policy) if x is not None}.values():
+        m.temperature = gen_cfg.temperature
     scorer = Scorer(rules, roles.reward)
     log(roles.describe())
     ptx = _ptx_items(cfg, roles.tokenizer) if p.ptx_coef > 0 else []
