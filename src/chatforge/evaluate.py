@@ -174,12 +174,13 @@ def accuracy(items: list[dict], responses: list[str]) -> dict:
 
 
 def reward_scores(
-    rm_dir: str, conversations: list[list[dict]], responses: list[str], batch_size: int = 16
+    rm, conversations: list[list[dict]], responses: list[str], batch_size: int = 16
 ) -> list[float]:
-    """Reward-model scores of (prompt, response) pairs (`chatforge.train.reward`)."""
+    """Reward-model scores of (prompt, response) pairs; `rm` is a `chatforge rm` output dir or an
+    already loaded `(model, tokenizer)` pair (`chatforge.reward.load_reward_model`)."""
     from chatforge.reward import load_reward_model, score_texts
 
-    model, tok, _ = load_reward_model(rm_dir)
+    model, tok = rm if isinstance(rm, tuple) else load_reward_model(rm)[:2]
     scores = score_texts(model, tok, conversations, responses, batch_size=batch_size)
     return [float(s) for s in scores]
 

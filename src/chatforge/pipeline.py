@@ -233,11 +233,16 @@ def score_with_rm(run: Path, rm: str, eval_data: str | None, pairs: Path | None,
     if not eval_data:
         return
     convs = [it["messages"] for it in read_items(eval_data)]
+    loaded = None  # the reward model, loaded once for every file that needs scores
     for path in sorted((run / "eval").glob("*.json")):
         result = json.loads(path.read_text())
         if "responses" not in result or result.get("reward", {}).get("model") == rm:
             continue
-        scores = reward_scores(rm, convs[: len(result["responses"])], result["responses"], batch)
+        if loaded is None:
+            from chatforge.reward import load_reward_model
+
+            loaded = load_reward_model(rm)[:2]
+        scores = reward_scores(loaded, convs[: len(result["responses"])], result["responses"], batch)
         result["reward"] = {"model": rm, "mean": sum(scores) / len(scores), "scores": scores}
         path.write_text(json.dumps(result, indent=1))
 
@@ -248,7 +253,8 @@ def run(cfg: Config) -> str:
     from chatforge.report import write_report
 
     check(cfg)
-    run_dir = Path(cfg.train.output_dir)
+    # absolute, so the adapter configs the stages write (base_model_name_or_path) load from any cwd
+    run_dir = Path(cfg.train.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     p = cfg.pipeline

@@ -48,20 +48,27 @@ def rm_loss(model, batch, normalizer, center_coef: float = 0.0):
     return reward_loss(scores[:b], scores[b:], batch.get("margin"), center_coef, normalizer)
 
 
-def score_statistics(trainer, items: list[dict], collate, batch_size: int) -> dict:
-    """Mean/std of all chosen and rejected scores, accuracy and mean margin over `items`."""
+def score_statistics(trainer, items: list[dict], collate, batch_size: int, center_coef: float = 0.0) -> dict:
+    """Mean/std of all chosen and rejected scores, accuracy, mean margin and loss over `items`."""
     import torch
+
+    from chatforge.losses.preference import reward_loss
 
     model = trainer.acc.unwrap_model(trainer.model)
     model.eval()
-    chosen, rejected = [], []
+    chosen, rejected, loss = [], [], 0.0
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
         batch = {k: v.to(trainer.acc.device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
         with torch.no_grad(), trainer.acc.autocast():
             scores = pair_scores(model, batch).float().cpu()
-        chosen += scores[: len(chunk)].tolist()
-        rejected += scores[len(chunk) :].tolist()
+        c, r = scores[: len(chunk)], scores[len(chunk) :]
+        margin = batch.get("margin")
+        loss += float(reward_loss(c, r, None if margin is None else margin.cpu(), center_coef)[0]) * len(
+            chunk
+        )
+        chosen += c.tolist()
+        rejected += r.tolist()
     every = torch.tensor(chosen + rejected, dtype=torch.float64)
     diff = torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
     return {
@@ -69,7 +76,21 @@ def score_statistics(trainer, items: list[dict], collate, batch_size: int) -> di
         "reward_std": float(every.std(correction=0)) if len(every) > 1 else 1.0,
         "eval_accuracy": float((diff > 0).double().mean()),
         "eval_margin": float(diff.mean()),
+        "eval_loss": loss / max(len(chosen), 1),
+        "chosen_mean": sum(chosen) / max(len(chosen), 1),
+        "rejected_mean": sum(rejected) / max(len(rejected), 1),
         "pairs": len(chosen),
+    }
+
+
+def as_eval_metrics(stats: dict) -> dict:
+    """The statistics pass as the final eval metrics (the names `Trainer.evaluate` logs)."""
+    return {
+        "eval/loss": stats["eval_loss"],
+        "eval/rewards/chosen": stats["chosen_mean"],
+        "eval/rewards/rejected": stats["rejected_mean"],
+        "eval/rewards/accuracy": stats["eval_accuracy"],
+        "eval/rewards/margin": stats["eval_margin"],
     }
 
 
@@ -102,15 +123,35 @@ def run(cfg: Config) -> str:
     collate = partial(collate_pairs, pad_id=tok.pad_token_id)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world))
+    stats_on = "eval" if eval_items else "train"
+    stats_items = eval_items or items[:STATS_LIMIT]
+    score = partial(
+        score_statistics,
+        items=stats_items,
+        collate=collate,
+        batch_size=cfg.train.batch_size,
+        center_coef=cfg.rm.center_coef,
+    )
+    stats: dict = {}
+
+    def last_step(tr, metrics: dict) -> None:
+        # The held-out pairs are scored once at the end: the same pass gives the saved mean/std
+        # and the final eval metrics (a second evaluation would double the stage's eval time).
+        if tr.step == tr.total_steps:
+            stats.update(score(tr))
+            if eval_items:
+                metrics.update(as_eval_metrics(stats))
+
     trainer.fit(
         items,
         collate,
         partial(rm_loss, center_coef=cfg.rm.center_coef),
         pair_units,
-        eval_items=eval_items,
+        eval_items=eval_items if cfg.train.eval_every else None,  # periodic evals only
+        on_step=last_step,
     )
-    stats_on = "eval" if eval_items else "train"
-    stats = score_statistics(trainer, eval_items or items[:STATS_LIMIT], collate, cfg.train.batch_size)
+    if not stats:  # resumed after the last step: nothing ran
+        stats = score(trainer)
     meta = {
         **stats,
         "stats_on": stats_on,
