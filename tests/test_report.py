@@ -64,7 +64,10 @@ def test_report_tables_plots_samples_and_self_contained_html(tmp_path):
     # one (0.5) in 2 of 3 pairs.
     assert "| base | 0.000 ± 0.000 | 0/4 | - | -1.000 | - |" in md
     paired = 0.5 / math.sqrt(1 / 12)
-    assert f"| sft | 0.500 ± {se(0.5):.3f} | 2/4 | +0.500 ({paired:+.1f} paired s.e., +2.0 unpaired) | 0.500 | - |" in md
+    assert (
+        f"| sft | 0.500 ± {se(0.5):.3f} | 2/4 | +0.500 ({paired:+.1f} paired s.e., +2.0 unpaired) | 0.500 | - |"
+        in md
+    )
     assert f"| ppo | 0.750 ± {se(0.75):.3f} | 3/4 | +0.250 (+1.0 paired s.e., " in md
     assert "| 1.250 | 0.667 |" in md
     assert "pair accuracy 0.900" in md
