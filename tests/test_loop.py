@@ -139,3 +139,11 @@ def test_a_fresh_run_in_a_used_dir_replaces_the_old_metrics(tmp_path, tokenizer)
         trainer, _ = make_trainer(tmp_path, tokenizer, batch_size=4, max_steps=3)
         trainer.fit(items(), collate, loss_fn, units_fn)
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_one_process_can_run_stages_with_different_precision(tmp_path, tokenizer):
+    """A pipeline runs its stages in one process; accelerate's process-wide precision must not stick."""
+    bf16, _ = make_trainer(tmp_path / "a", tokenizer, mixed_precision="bf16")
+    assert bf16.acc.mixed_precision == "bf16"
+    plain, _ = make_trainer(tmp_path / "b", tokenizer, mixed_precision="none")
+    assert plain.acc.mixed_precision == "no"

@@ -90,6 +90,14 @@ class Trainer:
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         # CPU processes talk over gloo (DeepSpeed on CPU also needs it, see DESIGN.md)
         handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and device.type != "cuda" else []
+        if not distributed:
+            # accelerate keeps its precision settings process-wide; one process may run several
+            # stages with different ones (a pipeline, a test session), so start each from scratch
+            from accelerate.state import AcceleratorState
+
+            reset = getattr(AcceleratorState, "_reset_state", None)
+            if reset is not None:
+                reset()
         self.acc = Accelerator(
             mixed_precision="no" if mp == "none" else mp, cpu=device.type == "cpu", kwargs_handlers=handlers
         )
