@@ -110,3 +110,44 @@ def test_qlora_gradients_survive_a_no_grad_eval_forward(tiny_model_dir):
     # Without the guard the repacked weights give zero or near-zero (wrong) LoRA gradients.
     unguarded = _lora_a_grads_after_eval_forward(tiny_model_dir, guarded=False)
     assert sum(unguarded) < 0.2 * sum(guarded), "the hazard the guard exists for did not show"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights stored transposed
+def test_merged_lora_samples_like_the_adapter_and_restores_every_weight(arch, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from chatforge.models.adapters import merged_lora, sampling_model
+    from chatforge.rl.generate import generate
+
+    lm = tiny_model(arch, tokenizer, seed=2)
+    targets = default_target_modules(lm)
+    peft = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    peft.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in peft.named_parameters()}
+    types = [type(m) for m in peft.modules()]
+    prompts = [tokenizer("hello world")["input_ids"], tokenizer("two plus three is")["input_ids"]]
+    want = generate(peft, tokenizer, prompts, max_new_tokens=8, greedy=True)
+    with merged_lora(peft, "default") as merged:
+        assert merged is not None and "lora" not in " ".join(type(m).__name__ for m in merged.modules())
+        got = generate(merged, tokenizer, prompts, max_new_tokens=8, greedy=True)
+    assert torch.equal(got.response_ids, want.response_ids)
+    assert [type(m) for m in peft.modules()] == types
+    for n, p in peft.named_parameters():  # the same tensors, bit for bit
+        assert p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
+    with sampling_model(peft, merge=False) as same:
+        assert same is peft
+
+
+def test_dora_is_not_folded(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from chatforge.models.adapters import merged_lora
+
+    lm = load_model(tiny_model_dir, device=CPU)
+    peft = get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    with merged_lora(peft, "default") as merged:
+        assert merged is None

@@ -60,10 +60,14 @@ def reward_file(tmp_path):
     return f"{path}:has_seven"
 
 
-def test_rule_reward_rises_and_everything_is_logged(tiny_model_dir, jsonl, reward_file, tmp_path, capsys):
+@pytest.mark.parametrize("critic", ["adapter", "head"])
+def test_rule_reward_rises_and_everything_is_logged(
+    critic, tiny_model_dir, jsonl, reward_file, tmp_path, capsys
+):
     out = tmp_path / "run"
     # real PPO: 2 epochs x 2 shuffled minibatches of 8 per rollout of 16, 2 micro-batches each
     overrides = ("ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "train.batch_size=4", "train.lr=1e-2")
+    overrides += (f"ppo.critic={critic}",)
     final = ppo.run(
         config(tiny_model_dir, jsonl(PROMPTS), out, reward_file, "train.max_steps=14", *overrides)
     )
@@ -79,7 +83,8 @@ def test_rule_reward_rises_and_everything_is_logged(tiny_model_dir, jsonl, rewar
     assert rows[-1]["kl"] > 0 and rows[-1]["explained_variance"] != 0
     assert rows[-1]["step"] == 14 * 4 and max(r["clip_frac"] for r in rows) > 0  # later epochs clip
     assert (out / "final" / "adapter_config.json").is_file() and final == str(out / "final")
-    assert (out / "final" / "critic" / "adapter_config.json").is_file()
+    # the critic: its own adapter, or only a value head on the actor
+    assert (out / "final" / "critic" / "adapter_config.json").is_file() == (critic == "adapter")
     assert (out / "final" / "critic" / "value_head.safetensors").is_file()
     from chatforge.models.adapters import load_adapter_model
 
@@ -88,8 +93,7 @@ def test_rule_reward_rises_and_everything_is_logged(tiny_model_dir, jsonl, rewar
     assert {"step", "prompt", "response", "score", "raw_score", "stopped", "answer"} <= set(samples[0])
 
 
-@pytest.fixture
-def experience(tiny_model_dir, tmp_path, jsonl):
+def one_rollout(model_dir, tmp_path, jsonl, *overrides):
     """(roles, experience) of one rollout from an SFT adapter start (non-zero LoRA weights)."""
     from chatforge.data.prompts import build_prompt_examples
     from chatforge.rl import experience as xp
@@ -97,8 +101,8 @@ def experience(tiny_model_dir, tmp_path, jsonl):
     from chatforge.rl.roles import build_roles
     from chatforge.train.grpo import Scorer
 
-    sft = make_adapter(tiny_model_dir, tmp_path / "sft")
-    roles = build_roles(roles_config(sft), CPU)
+    sft = make_adapter(model_dir, tmp_path / "sft")
+    roles = build_roles(roles_config(sft, *overrides), CPU)
     with torch.no_grad():
         roles.critic.head.weight.normal_(0, 0.1)
     prompts, _ = build_prompt_examples(jsonl(PROMPTS[:4]), roles.tokenizer, 64)
@@ -108,6 +112,39 @@ def experience(tiny_model_dir, tmp_path, jsonl):
     rollout, _ = xp.score(roles, scorer, prompts, gen, missing_eos_penalty=0.5)
     exp, stats = xp.make_experience(roles, rollout, kl_coef=0.1, batch_size=2)
     return roles, exp
+
+
+@pytest.fixture
+def experience(tiny_model_dir, tmp_path, jsonl):
+    return one_rollout(tiny_model_dir, tmp_path, jsonl)
+
+
+def test_head_critic_reads_the_actor_and_its_loss_moves_only_the_head(tiny_model_dir, tmp_path, jsonl):
+    roles, exp = one_rollout(tiny_model_dir, tmp_path, jsonl, "ppo.critic=head")
+    assert "critic" not in roles.adapters and "value head on the actor" in roles.describe()
+    assert not any(".critic." in n for n, _ in roles.policy.lm.named_parameters())  # no critic adapter
+    b = exp.batch([0, 1, 2, 3])
+    R = exp.response_mask.shape[1]
+    with torch.no_grad(), roles.use("actor"):
+        _, _, hidden = roles.policy(
+            b["input_ids"], b["attention_mask"], b["position_ids"], return_hidden=True
+        )
+    want = roles.critic.read(hidden[:, -R:]) * exp.response_mask
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(exp.old_values, want)
+    model = roles.model().train()
+
+    def grads(vf_coef):
+        model.zero_grad(set_to_none=True)
+        exp.returns = exp.old_values + 1.0  # a value error to learn from
+        ppo.ppo_loss(model, exp.batch([0, 1, 2, 3]), None, vf_coef=vf_coef)[0].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with_values, without = grads(1.0), grads(0.0)
+    head = "critic.head.weight"
+    assert with_values[head].abs().sum() > 0 and without.get(head, torch.zeros(1)).abs().sum() == 0
+    actor = [n for n in without if ".actor." in n]
+    assert actor and all(torch.equal(with_values[n], without[n]) for n in actor)
 
 
 def test_experience_rewards_follow_kl_score_and_eos_penalty(experience):

@@ -62,7 +62,10 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """Values (B, T) fp32, one per token."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        return self.read(self.hidden_states(input_ids, attention_mask, position_ids))
+
+    def read(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head alone on hidden states (..., H) -> (...) fp32."""
         # autocast would run the small head in bf16; scores and values stay fp32
         with torch.autocast(hidden.device.type, enabled=False):
             return self.head(hidden.float()).squeeze(-1)

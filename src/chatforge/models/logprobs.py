@@ -129,7 +129,8 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return_hidden: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Log-probs of each next token under a causal LM.
 
     Args:
@@ -140,7 +141,9 @@ def token_logprobs(
             (its first column is ignored: nothing predicts the first token). None = every token.
     Returns:
         logps (B, T-1) fp32: logps[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]), 0 off-target;
-        entropy (B, T-1) fp32 of the predictive distribution at the same positions, or None.
+        entropy (B, T-1) fp32 of the predictive distribution at the same positions, or None;
+        with return_hidden, also the last hidden states (B, T-1, H) those predictions are read from
+        (a value head on the policy uses them: PPO's `ppo.critic=head`).
     """
     targets = input_ids[:, 1:]
     mask = torch.ones_like(targets, dtype=torch.bool) if target_mask is None else target_mask[:, 1:].bool()
@@ -153,8 +156,16 @@ def token_logprobs(
         lp, ent = head_logprobs(hidden[mask], head, targets[mask], temperature, chunk_size, with_entropy)
     else:
         kw = {"position_ids": position_ids} if position_ids is not None else {}
-        logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).logits
-        logits = logits[:, -input_ids.shape[1] :][:, :-1]  # prompt tuning prepends virtual tokens
+        out = lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=return_hidden,
+            **kw,
+        )
+        width = input_ids.shape[1]
+        logits = out.logits[:, -width:][:, :-1]  # prompt tuning prepends virtual tokens
+        hidden = out.hidden_states[-1][:, -width:][:, :-1] if return_hidden else None
         sel = logits[mask].float() / temperature
         lp = sel.gather(1, targets[mask][:, None]).squeeze(1) - sel.logsumexp(-1)
         ent = torch.distributions.Categorical(logits=sel.detach()).entropy() if with_entropy else None
@@ -163,7 +174,7 @@ def token_logprobs(
     entropy = None
     if ent is not None:
         entropy = torch.zeros_like(logps).masked_scatter(mask, ent)
-    return logps, entropy
+    return (logps, entropy, hidden) if return_hidden else (logps, entropy)
 
 
 class LogprobModel(nn.Module):

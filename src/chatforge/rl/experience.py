@@ -25,11 +25,13 @@ from chatforge.rl.types import Experience, Rollout
 
 def sample(roles, prompts, gen_cfg, batch_size: int | None = None):
     """The actor's responses to `prompts` (PromptItem list) -> `rl.generate.Generated`."""
+    from chatforge.models.adapters import merge_for_generation, sampling_model
     from chatforge.rl.generate import generate
 
-    with roles.use("actor"):
+    merge = merge_for_generation(gen_cfg.merge_lora, roles.device)
+    with roles.use("actor"), sampling_model(roles.policy.lm, merge) as lm:
         return generate(
-            roles.policy.lm,
+            lm,
             roles.tokenizer,
             [p.ids for p in prompts],
             gen_cfg.max_new_tokens,
@@ -87,15 +89,16 @@ def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl
     return rewards.scatter_add(1, last[:, None], scores.float().to(rewards.device)[:, None])
 
 
-def _forward_all(empty: Experience, fn, batch_size: int, device, width: int) -> torch.Tensor:
-    """Run fn(micro_batch) -> (b, w) over the rollout in micro-batches; gather into (B, width)."""
-    out = torch.zeros(len(empty), width, dtype=torch.float32)
+def _forward_all(empty: Experience, fn, batch_size: int, device, width: int, n_out: int = 1):
+    """Run fn(micro_batch) -> n_out tensors (b, w) over the rollout in micro-batches; gather each
+    into (B, width) fp32 on CPU (a tuple when n_out > 1)."""
+    outs = [torch.zeros(len(empty), width, dtype=torch.float32) for _ in range(n_out)]
     for s in range(0, len(empty), batch_size):
         rows = list(range(s, min(s + batch_size, len(empty))))
-        b = empty.batch(rows, device)
-        vals = fn(b).float().cpu()
-        out[rows, : vals.shape[1]] = vals
-    return out
+        got = fn(empty.batch(rows, device))
+        for out, vals in zip(outs, got if n_out > 1 else (got,)):
+            out[rows, : vals.shape[1]] = vals.float().cpu()
+    return tuple(outs) if n_out > 1 else outs[0]
 
 
 @torch.no_grad()
@@ -145,17 +148,30 @@ def make_experience(
 
         return fn
 
+    def logps_and_values(b):  # ppo.critic=head: the values come from the actor's own forward
+        w = b["response_mask"].shape[1]
+        with amp():
+            lp, _, hidden = roles.policy(
+                b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"], return_hidden=True
+            )
+        return lp[:, -w:], roles.critic.read(hidden[:, -w:])
+
     def values(b):
         w = b["response_mask"].shape[1]
         with amp():
             return roles.critic(b["input_ids"], b["attention_mask"], b["position_ids"])[:, -w - 1 : -1]
 
-    with roles.use("actor"):
-        exp.old_logp = _forward_all(exp, logps(roles.policy), batch_size, device, R)
+    if roles.critic_mode == "head":
+        with roles.use("actor"):
+            exp.old_logp, exp.old_values = _forward_all(exp, logps_and_values, batch_size, device, R, 2)
+        exp.old_values = exp.old_values * rmask
+    else:
+        with roles.use("actor"):
+            exp.old_logp = _forward_all(exp, logps(roles.policy), batch_size, device, R)
+        with roles.use("critic"):
+            exp.old_values = _forward_all(exp, values, batch_size, device, R) * rmask
     with roles.use("ref"):
         exp.ref_logp = _forward_all(exp, logps(roles.ref_policy), batch_size, device, R)
-    with roles.use("critic"):
-        exp.old_values = _forward_all(exp, values, batch_size, device, R) * rmask
     exp.kl = kl_estimate(exp.old_logp, exp.ref_logp, kl_estimator) * rmask
     exp.rewards = token_rewards(exp.kl, exp.scores, rmask, kl_coef)
     adv, exp.returns = gae(exp.rewards, exp.old_values, rmask, gamma, lam)

@@ -71,6 +71,7 @@ class Roles:
     device: object = None
     offload: tuple = ()  # separate layout: modules parked on CPU between uses
     trainable: tuple = ()  # parameter names that must stay trainable
+    critic_mode: str = "adapter"  # "head": the value head reads the actor's hidden states
     _active: str | None = None
 
     @property
@@ -174,6 +175,10 @@ def build_roles(cfg, device=None) -> Roles:
         )
     if cfg.ppo.critic_init not in ("base", "reward"):
         raise ConfigError(f"ppo.critic_init must be base or reward (got {cfg.ppo.critic_init!r})")
+    if cfg.ppo.critic == "head" and cfg.ppo.critic_init == "reward":
+        raise ConfigError(
+            "ppo.critic=head puts a fresh value head on the actor; ppo.critic_init=reward needs ppo.critic=adapter"
+        )
     rm = cfg.ppo.reward_model
     if rm and not (Path(rm) / "score_head.safetensors").is_file():
         raise ConfigError(
@@ -209,7 +214,8 @@ def _lean(cfg, device) -> Roles:
     elif cfg.model.gradient_checkpointing:
         lm.enable_input_require_grads()
     fresh = lora_config(pcfg, lm, dropout=0.0)
-    adapters = {"actor": "actor", "critic": "critic"}
+    head_critic = cfg.ppo.critic == "head"
+    adapters = {"actor": "actor"} if head_critic else {"actor": "actor", "critic": "critic"}
     notes = {"base": f"{base_path} ({lm.dtype}{', 4-bit' if pcfg.method == 'qlora' else ''}, frozen)"}
     if from_adapter:
         peft = PeftModel.from_pretrained(lm, path, adapter_name="ref", is_trainable=False)
@@ -239,6 +245,8 @@ def _lean(cfg, device) -> Roles:
         norm = ModelReward(None, meta)
         normalise_head(value_head, norm.mean, norm.std)
         notes["critic"] = f'adapter "critic" + value head, trainable, initialised from {rm}'
+    elif head_critic:
+        notes["critic"] = "value head on the actor's hidden states (trainable, no gradient into the actor)"
     else:
         if cfg.ppo.critic_init == "reward":
             raise ConfigError(
@@ -261,6 +269,7 @@ def _lean(cfg, device) -> Roles:
         notes=notes,
         device=device,
         trainable=trainable,
+        critic_mode=cfg.ppo.critic,
     )
     if rm_lean:
         head, meta = load_head(rm, "score")
@@ -324,8 +333,9 @@ def _separate(cfg, device) -> Roles:
     train_dtype = resolve_dtype(cfg.model.dtype, device, full_finetune=not lora)
     frozen_dtype = resolve_dtype(cfg.model.dtype, device, full_finetune=False)
     park = cfg.ppo.offload_frozen and device.type != "cpu"
+    head_critic = cfg.ppo.critic == "head"
     actor = load_full(path, train_dtype, device, cfg.model)
-    critic_lm = load_full(path, train_dtype, device, cfg.model)
+    critic_lm = actor if head_critic else load_full(path, train_dtype, device, cfg.model)
     ref = load_full(path, frozen_dtype, "cpu" if park else device, cfg.model)
     for m in (actor, critic_lm, ref):
         if m.config.pad_token_id is None:
@@ -336,7 +346,11 @@ def _separate(cfg, device) -> Roles:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:  # four separate models with adapters: the baseline the lean layout is measured against
         actor = apply_peft(actor, cfg.peft, cfg.model.gradient_checkpointing, dropout=0.0)
-        critic_lm = apply_peft(critic_lm, cfg.peft, cfg.model.gradient_checkpointing, dropout=0.0)
+        critic_lm = (
+            actor
+            if head_critic
+            else apply_peft(critic_lm, cfg.peft, cfg.model.gradient_checkpointing, dropout=0.0)
+        )
     else:
         actor.requires_grad_(True)
         critic_lm.requires_grad_(True)
@@ -346,7 +360,9 @@ def _separate(cfg, device) -> Roles:
     kind = f"fresh LoRA r={cfg.peft.r}" if lora else "full model"
     notes = {
         "actor": f"{path} ({kind}, trainable, {train_dtype})",
-        "critic": f"a second copy of {path} ({kind}) + value head (trainable)",
+        "critic": "value head on the actor's hidden states (trainable, no gradient into the actor)"
+        if head_critic
+        else f"a second copy of {path} ({kind}) + value head (trainable)",
         "ref": f"a frozen copy of {path} ({frozen_dtype}, {where})",
     }
     reward = None
@@ -372,4 +388,5 @@ def _separate(cfg, device) -> Roles:
         notes=notes,
         device=device,
         offload=tuple(offload),
+        critic_mode=cfg.ppo.critic,
     )

@@ -285,21 +285,24 @@ def rollout(lm, tok, group, scorer: Scorer, cfg: Config):
     """
     import torch
 
+    from chatforge.models.adapters import merge_for_generation, sampling_model
     from chatforge.rl.advantages import group_advantages
     from chatforge.rl.generate import generate
 
     g, gc = cfg.grpo, cfg.generate
     t0 = time.perf_counter()
-    gen = generate(
-        lm,
-        tok,
-        [p.ids for p in group],
-        gc.max_new_tokens,
-        gc.temperature,
-        gc.top_p,
-        gc.top_k,
-        batch_size=g.generation_batch_size or None,
-    )
+    merge = merge_for_generation(gc.merge_lora, next(lm.parameters()).device)
+    with sampling_model(lm, merge) as sampler:
+        gen = generate(
+            sampler,
+            tok,
+            [p.ids for p in group],
+            gc.max_new_tokens,
+            gc.temperature,
+            gc.top_p,
+            gc.top_k,
+            batch_size=g.generation_batch_size or None,
+        )
     t1 = time.perf_counter()
     rewards, parts = scorer(group, gen.texts)
     rewards_t = torch.tensor(rewards, dtype=torch.float32)

@@ -46,14 +46,19 @@ def ppo_loss(model, batch, normalizer, clip_eps=0.2, value_clip_eps=0.2, vf_coef
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     rmask = batch["response_mask"]
     w = rmask.shape[1]
+    head_critic = m.roles.critic_mode == "head"
     with m.roles.use("actor"):
-        logps, entropy = m.policy(ids, mask, pos, batch["target_mask"], with_entropy=True)
+        out = m.policy(ids, mask, pos, batch["target_mask"], with_entropy=True, return_hidden=head_critic)
+    logps, entropy = out[0], out[1]
     logp = logps[:, -w:]
     pg, metrics = ppo_policy_loss(
         logp, batch["old_logp"], batch["advantages"], rmask, clip_eps, reduction, normalizer
     )
-    with m.roles.use("critic"):
-        values = m.critic(ids, mask, pos)[:, -w - 1 : -1]
+    if head_critic:  # the value head learns on the actor's features; the actor is not moved by it
+        values = m.critic.read(out[2][:, -w:].detach())
+    else:
+        with m.roles.use("critic"):
+            values = m.critic(ids, mask, pos)[:, -w - 1 : -1]
     vl, vmetrics = value_loss(
         values, batch["old_values"], batch["returns"], rmask, value_clip_eps, reduction, normalizer
     )
@@ -95,8 +100,11 @@ def check(cfg: Config) -> None:
         raise ConfigError("data.train is empty: give at least one prompt file")
     if not p.reward_functions and not p.reward_model:
         raise ConfigError("ppo needs a reward: set ppo.reward_model and/or ppo.reward_functions")
-    if p.rollout_batch_size < 1 or p.ppo_epochs < 1 or p.mini_batch_size < 1:
-        raise ConfigError("ppo.rollout_batch_size, ppo.ppo_epochs and ppo.mini_batch_size must be at least 1")
+    if min(p.rollout_batch_size, p.ppo_epochs, p.mini_batch_size, p.forward_batch_size) < 1:
+        raise ConfigError(
+            "ppo.rollout_batch_size, ppo.ppo_epochs, ppo.mini_batch_size and ppo.forward_batch_size "
+            "must be at least 1"
+        )
     if p.rollout_batch_size % p.mini_batch_size:
         raise ConfigError(
             f"ppo.rollout_batch_size ({p.rollout_batch_size}) must be a multiple of ppo.mini_batch_size "
@@ -202,7 +210,7 @@ def run(cfg: Config) -> str:
                 p.gamma,
                 p.lam,
                 p.whiten_advantages,
-                bs,
+                p.forward_batch_size,
                 trainer.acc.device,
                 trainer.acc.autocast,
             )
@@ -306,7 +314,8 @@ def save_actor(roles, tmp: Path) -> None:
         save_final(roles.policy.lm, tok, tmp)
         return
     peft = roles.policy.lm
-    peft.save_pretrained(tmp, selected_adapters=["actor", "critic"])
+    adapters = ["actor"] if roles.critic_mode == "head" else ["actor", "critic"]
+    peft.save_pretrained(tmp, selected_adapters=adapters)
     for f in (tmp / "actor").iterdir():  # peft writes named adapters to subdirs: lift the actor up
         shutil.move(str(f), tmp / f.name)
     (tmp / "actor").rmdir()
