@@ -35,3 +35,16 @@ def test_sampling_is_seeded(tokenizer):
     torch.manual_seed(0)
     b = generate(lm, tokenizer, prompts, max_new_tokens=5)
     assert torch.equal(a.response_ids, b.response_ids)
+
+
+def test_frozen_head_gets_contiguous_inputs(tokenizer):
+    # a strided (B, 1, H) input makes torch expand a frozen head's weight into B copies (slow)
+    lm = tiny_model("llama", tokenizer, seed=3).requires_grad_(False)
+    seen = []
+    lm.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: seen.append(args[0].is_contiguous())
+    )
+    prompts = [tokenizer("hello world, how are you")["input_ids"], tokenizer("hi")["input_ids"]]
+    generate(lm, tokenizer, prompts, max_new_tokens=3, greedy=True)
+    assert seen and all(seen)
+    assert not lm.get_output_embeddings()._forward_pre_hooks  # removed again after generating

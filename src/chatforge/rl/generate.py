@@ -7,6 +7,7 @@ agree exactly.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -64,6 +65,28 @@ def response_mask(response_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torc
     return (~after_stop).long(), is_stop.any(1)
 
 
+@contextlib.contextmanager
+def contiguous_head_input(lm):
+    """Feed the LM head a contiguous input while generating a batch.
+
+    transformers slices the last position out of the prompt's hidden states, (B, 1, H) with a row
+    stride of the whole prompt. For a frozen head (requires_grad False: adapters, RL, eval) torch's
+    matmul does not fold such a strided 3-D input into one matrix product; it expands the head's
+    weight to a (B, H, vocab) batch and copies it: B copies of the vocabulary matrix (1.4 GB for
+    25 prompts on SmolLM2) on every prefill. A contiguous copy of the (B, 1, H) input avoids that:
+    about 2x faster batched generation on CPU.
+    """
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+    hook = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 @torch.no_grad()
 def generate(
     lm,
@@ -87,27 +110,28 @@ def generate(
     n_tokens = 0
     step = batch_size or len(prompts)
     try:
-        for s in range(0, len(prompts), step):
-            ids, mask = left_pad(prompts[s : s + step], pad_id, device)
-            kw = (
-                dict(do_sample=False)
-                if greedy
-                else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-            )
-            out = lm.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stops,
-                pad_token_id=pad_id,
-                use_cache=True,
-                **kw,
-            )
-            resp = out[:, ids.shape[1] :]
-            rmask, stopped = response_mask(resp, stops)
-            resp = resp.masked_fill(rmask == 0, pad_id)
-            n_tokens += int(rmask.sum())
-            chunks.append((ids, mask, resp, rmask, stopped))
+        with contiguous_head_input(lm):
+            for s in range(0, len(prompts), step):
+                ids, mask = left_pad(prompts[s : s + step], pad_id, device)
+                kw = (
+                    dict(do_sample=False)
+                    if greedy
+                    else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+                )
+                out = lm.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stops,
+                    pad_token_id=pad_id,
+                    use_cache=True,
+                    **kw,
+                )
+                resp = out[:, ids.shape[1] :]
+                rmask, stopped = response_mask(resp, stops)
+                resp = resp.masked_fill(rmask == 0, pad_id)
+                n_tokens += int(rmask.sum())
+                chunks.append((ids, mask, resp, rmask, stopped))
     finally:
         lm.train(was_training)
     seconds = time.perf_counter() - t0
