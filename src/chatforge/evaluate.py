@@ -264,10 +264,13 @@ def evaluate(
         del other_lm
         results["against"] = {"model": against, "responses": other, "exact": accuracy(items, other)}
     if reward_model and items:
-        scores = reward_scores(reward_model, convs, results["responses"], batch_size)
+        from chatforge.reward import load_reward_model
+
+        judge = load_reward_model(reward_model)[:2]  # loaded once for both models' answers
+        scores = reward_scores(judge, convs, results["responses"], batch_size)
         results["reward"] = {"model": reward_model, "mean": sum(scores) / len(scores), "scores": scores}
         if against:
-            other_scores = reward_scores(reward_model, convs, results["against"]["responses"], batch_size)
+            other_scores = reward_scores(judge, convs, results["against"]["responses"], batch_size)
             results["against"]["reward_mean"] = sum(other_scores) / len(other_scores)
             results["win_rate"] = win_rate(scores, other_scores)
     return results
