@@ -297,9 +297,76 @@ def test_bad_prompts_and_config_fail_before_any_model_loads(
         ppo.run(config(tiny_model_dir, jsonl(PROMPTS), tmp_path / "r", reward_file, "ppo.mini_batch_size=5"))
     with pytest.raises(ConfigError, match="ppo needs a reward"):
         ppo.run(load_config(None, [f"model.path={tiny_model_dir}", f"data.train=[{jsonl(PROMPTS)}]"]))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="one process"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two processes x 16 prompts each, but only 16 prompts
+    with pytest.raises(ConfigError, match=r"rollout_batch_size \(16\) x 2 processes exceeds the 16 prompts"):
         ppo.run(config(tiny_model_dir, jsonl(PROMPTS), tmp_path / "r", reward_file))
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ConfigError, match="ptx_data"):
         ppo.run(config(tiny_model_dir, jsonl(PROMPTS), tmp_path / "r", reward_file, "ppo.ptx_coef=0.5"))
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(
+    tiny_model_dir, jsonl, reward_file, tmp_path
+):
+    """torchrun, 2 CPU processes x 8 prompts against 1 process x 16: the same prompts, answers (top_k=1
+    sampling is deterministic), losses and metrics, with the critic adapter and the SFT (ptx) mix."""
+    import os
+    import subprocess
+    import sys
+
+    data = jsonl(PROMPTS * 2, "prompts.jsonl")
+    # SFT records of one token length: the ptx term is each process's own token mean, which
+    # averages to the global one only when the token counts match
+    sft = jsonl(SFT[1:] + [SFT[1]], "sft.jsonl")
+
+    def args(out, rollout, batch):
+        return [
+            f"model.path={tiny_model_dir}",
+            f"data.train=[{data}]",
+            f"train.output_dir={out}",
+            f"ppo.reward_functions=[{reward_file}]",
+            "train.progress=false",
+            "train.warmup_ratio=0",
+            "train.lr=1e-2",
+            "model.dtype=float32",
+            "train.mixed_precision=none",
+            "train.device=cpu",
+            "peft.r=8",
+            "data.max_length=96",
+            "generate.max_new_tokens=8",
+            "generate.top_k=1",
+            "ppo.whiten_advantages=false",
+            "ppo.ppo_epochs=1",
+            "ppo.samples_every=0",
+            "ppo.ptx_coef=0.2",
+            f"ppo.ptx_data=[{sft}]",
+            "train.max_steps=3",
+            f"ppo.rollout_batch_size={rollout}",
+            f"ppo.mini_batch_size={rollout}",
+            f"train.batch_size={batch}",
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "chatforge.cli", "ppo"]
+    one = subprocess.run([*cli, *args(tmp_path / "one", 16, 8)], capture_output=True, env=env)
+    assert one.returncode == 0, one.stderr.decode()[-3000:]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29549",
+    ]
+    two = subprocess.run(
+        [*launcher, "-m", "chatforge.cli", "ppo", *args(tmp_path / "two", 8, 4)], capture_output=True, env=env
+    )
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    keys = ("loss", "policy_loss", "value_loss", "reward", "kl", "response_length", "value_mean")
+    for x, y in zip(a, b):
+        for key in keys:
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["ppo_step"], key)
+    assert a[-1]["kl"] > 0  # the actor moved, the same way in both

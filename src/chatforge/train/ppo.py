@@ -13,7 +13,10 @@ Where the roles live is `chatforge.rl.roles` (printed at start-up): with LoRA on
 actor/critic/reference/reward adapters. The shared `Trainer` does the optimizer (the critic may
 have its own `ppo.critic_lr`), accumulation, logging and checkpoints; `train.max_steps` counts PPO
 steps; a run stopped between steps (Ctrl-C, a reward function that raises) also checkpoints its
-finished steps. Output: OUTPUT/final (the actor: an adapter dir, the critic adapter + value head in
+finished steps. Under DDP (torchrun / accelerate launch) every process samples its own
+`ppo.rollout_batch_size` prompts of the step and gradients are averaged; advantages are whitened per
+process, and the logged rollout statistics and the adaptive KL use the mean over processes.
+Output: OUTPUT/final (the actor: an adapter dir, the critic adapter + value head in
 final/critic/), metrics.jsonl, samples.jsonl every `ppo.samples_every` steps.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -36,29 +40,19 @@ def ppo_loss(model, batch, normalizer, clip_eps=0.2, value_clip_eps=0.2, vf_coef
     from chatforge.losses.policy import ppo_policy_loss, value_loss
     from chatforge.losses.reduce import masked_mean
 
-    m = getattr(model, "module", model)
+    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     if "ptx" in batch:
         target = batch["labels"] != -100
-        with m.roles.use("actor"):
-            logps, _ = m.policy(batch["input_ids"], batch["attention_mask"], batch["position_ids"], target)
+        logps, _, _ = model(ids, mask, pos, target, values=False)
         nll = masked_mean(-logps, target[:, 1:])
         return batch["ptx"] * nll, {}
-    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     rmask = batch["response_mask"]
     w = rmask.shape[1]
-    head_critic = m.roles.critic_mode == "head"
-    with m.roles.use("actor"):
-        out = m.policy(ids, mask, pos, batch["target_mask"], with_entropy=True, return_hidden=head_critic)
-    logps, entropy = out[0], out[1]
-    logp = logps[:, -w:]
+    logps, entropy, values = model(ids, mask, pos, batch["target_mask"])
+    logp, values = logps[:, -w:], values[:, -w:]
     pg, metrics = ppo_policy_loss(
         logp, batch["old_logp"], batch["advantages"], rmask, clip_eps, reduction, normalizer
     )
-    if head_critic:  # the value head learns on the actor's features; the actor is not moved by it
-        values = m.critic.read(out[2][:, -w:].detach())
-    else:
-        with m.roles.use("critic"):
-            values = m.critic(ids, mask, pos)[:, -w - 1 : -1]
     vl, vmetrics = value_loss(
         values, batch["old_values"], batch["returns"], rmask, value_clip_eps, reduction, normalizer
     )
@@ -91,8 +85,6 @@ def minibatch_order(n: int, seed: int, step: int, epoch: int) -> list[int]:
 
 
 def check(cfg: Config) -> None:
-    import os
-
     from chatforge.errors import ConfigError
 
     p = cfg.ppo
@@ -110,9 +102,6 @@ def check(cfg: Config) -> None:
             f"ppo.rollout_batch_size ({p.rollout_batch_size}) must be a multiple of ppo.mini_batch_size "
             f"({p.mini_batch_size})"
         )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the loss runs actor and critic through PPOModel's parts, not its forward, so DDP would not sync
-        raise ConfigError("ppo runs in one process for now: launch it without torchrun/accelerate launch")
     if p.ptx_coef > 0 and not p.ptx_data:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data (SFT files for the pretraining-loss mix)")
 
@@ -129,10 +118,10 @@ def param_groups(model, critic_lr: float) -> list[dict] | None:
     ]
 
 
-def total_steps(cfg: Config, n_prompts: int) -> int:
+def total_steps(cfg: Config, n_prompts: int, world: int = 1) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    return max(1, math.ceil(cfg.train.epochs * (n_prompts // cfg.ppo.rollout_batch_size)))
+    return max(1, math.ceil(cfg.train.epochs * (n_prompts // (cfg.ppo.rollout_batch_size * world))))
 
 
 def run(cfg: Config) -> str:
@@ -156,11 +145,13 @@ def run(cfg: Config) -> str:
         prompt_budget(cfg.data.max_length, gen_cfg.max_new_tokens),
     )
     log(f"prompts: {report.summary()}")
-    if p.rollout_batch_size > len(items):
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under DDP each process samples its own rollout
+    if p.rollout_batch_size * world > len(items):
         from chatforge.errors import ConfigError
 
         raise ConfigError(
-            f"ppo.rollout_batch_size ({p.rollout_batch_size}) exceeds the {len(items)} prompts: add prompts or lower it"
+            f"ppo.rollout_batch_size ({p.rollout_batch_size}) x {world} processes exceeds the {len(items)} "
+            "prompts: add prompts or lower it"
         )
     device = pick_device(cfg.train.device)
     rules = None
@@ -175,7 +166,7 @@ def run(cfg: Config) -> str:
     scorer = Scorer(rules, roles.reward)
     log(roles.describe())
     ptx = _ptx_items(cfg, roles.tokenizer) if p.ptx_coef > 0 else []
-    steps = total_steps(cfg, len(items))
+    steps = total_steps(cfg, len(items), world)
     per_rollout = p.ppo_epochs * (p.rollout_batch_size // p.mini_batch_size)
     model = roles.model()
     trainer = Trainer(model, cfg.train, steps * per_rollout, param_groups(model, p.critic_lr), device)
@@ -196,7 +187,9 @@ def run(cfg: Config) -> str:
     done, rng, kl_state = start, _rng_state(), kl_ctl.state_dict()
     try:
         for step in range(start, steps):
-            prompts = prompts_for_step(items, step, p.rollout_batch_size, cfg.train.seed)
+            # under DDP each process takes its own slice of the step's global batch of prompts
+            rank, rb = trainer.acc.process_index, p.rollout_batch_size
+            prompts = prompts_for_step(items, step, rb * world, cfg.train.seed)[rank * rb : (rank + 1) * rb]
             t0 = time.perf_counter()
             gen = xp.sample(roles, prompts, gen_cfg, p.generation_batch_size)
             t1 = time.perf_counter()
@@ -222,12 +215,9 @@ def run(cfg: Config) -> str:
                 for lo in range(0, len(exp), p.mini_batch_size):
                     rows = order[lo : lo + p.mini_batch_size]
                     micro = [exp.batch(rows[i : i + bs], trainer.acc.device) for i in range(0, len(rows), bs)]
-                    if ptx:
-                        micro.append(
-                            trainer._to_device(
-                                _ptx_batch(ptx, trainer.step, bs, p.ptx_coef, roles.tokenizer, cfg)
-                            )
-                        )
+                    if ptx:  # first: DDP syncs on the last micro-batch, which must run the critic too
+                        sft = _ptx_batch(ptx, trainer.step, bs, p.ptx_coef, roles.tokenizer, cfg, rank, world)
+                        micro.insert(0, trainer._to_device(sft))
                     learned = trainer.train_step(micro, loss_fn, units_fn)
                     for k, v in learned.items():
                         sums[k] = sums.get(k, 0.0) + v
@@ -237,15 +227,16 @@ def run(cfg: Config) -> str:
             from chatforge.losses.policy import explained_variance
 
             metrics = {k: v / n_updates for k, v in sums.items()}
-            metrics.update(stats)
-            metrics.update(parts)
+            # rollout statistics are means over equal-sized rollouts: average them over processes
+            metrics.update({k: trainer.global_sum(v) / world for k, v in {**stats, **parts}.items()})
             metrics.update(
                 {
                     "ppo_step": step + 1,
                     "kl_coef": kl_ctl.value,
-                    "explained_variance": float(
+                    "explained_variance": trainer.global_sum(
                         explained_variance(exp.old_values, exp.returns, exp.response_mask)
-                    ),
+                    )
+                    / world,
                     "gen_tokens_per_s": round(rollout.tokens_per_s, 1),
                     "time/generate": round(t1 - t0, 3),
                     "time/score": round(t2 - t1, 3),
@@ -253,7 +244,7 @@ def run(cfg: Config) -> str:
                     "time/learn": round(t4 - t3, 3),
                 }
             )
-            kl_ctl.update(stats["kl"], p.rollout_batch_size)
+            kl_ctl.update(metrics["kl"], p.rollout_batch_size * world)  # the same on every process
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
                 trainer.log(metrics)
             if p.samples_every and (step + 1) % p.samples_every == 0 and trainer.is_main:
@@ -289,15 +280,17 @@ def _ptx_items(cfg: Config, tokenizer) -> list:
     return examples
 
 
-def _ptx_batch(items, opt_step: int, size: int, coef: float, tokenizer, cfg) -> dict:
-    """The SFT micro-batch of optimizer step `opt_step` (deterministic, so resume replays it)."""
+def _ptx_batch(items, opt_step: int, size: int, coef: float, tokenizer, cfg, rank: int = 0, world: int = 1):
+    """This process's SFT micro-batch of optimizer step `opt_step`: its slice of a global batch of
+    size x world (deterministic, so resume replays it)."""
     from chatforge.data.collate import pad_batch
     from chatforge.train.loop import epoch_order
 
-    per_pass = max(1, len(items) // size)
+    per_pass = max(1, len(items) // (size * world))
     epoch, pos = divmod(opt_step, per_pass)
     order = epoch_order(len(items), cfg.train.seed + 7, epoch)
-    chosen = [items[i] for i in order[pos * size : (pos + 1) * size]] or items[:size]
+    start = (pos * world + rank) * size
+    chosen = [items[i] for i in order[start : start + size]] or items[:size]
     batch = pad_batch(chosen, pad_id=tokenizer.pad_token_id)
     batch["ptx"] = coef
     return batch
