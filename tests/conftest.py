@@ -41,3 +41,39 @@ def jsonl(tmp_path):
         return write_jsonl(tmp_path / name, records)
 
     return _write
+
+
+def metrics_of(out) -> list[dict]:
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_and_two_processes(stage: str, args, tmp_path) -> tuple[list[dict], list[dict]]:
+    """Run `chatforge STAGE` once in one process and once as two CPU processes under torchrun;
+    `args(out, processes)` gives the command-line overrides. Returns both runs' metrics rows."""
+    import socket
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes share the two cores
+    cli = ["-m", "chatforge.cli", stage]
+    one = subprocess.run([sys.executable, *cli, *args(tmp_path / "one", 1)], capture_output=True, env=env)
+    assert one.returncode == 0, one.stderr.decode()[-3000:]
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+    ]
+    two = subprocess.run(
+        [*launcher, *cli, *args(tmp_path / "two", 2)], capture_output=True, env=env, timeout=600
+    )
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    return metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")

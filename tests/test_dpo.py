@@ -10,6 +10,7 @@ import torch
 
 from chatforge.config import load_config
 from chatforge.train import dpo
+from conftest import one_and_two_processes
 
 PAIRS = [
     {"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": "no"}
@@ -142,13 +143,9 @@ def test_resume_equals_uninterrupted(tiny_model_dir, jsonl, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     data = jsonl(PAIRS)
 
-    def args(out, batch):
+    def args(out, processes):  # the same global batch of 4 pairs
         return [
             f"model.path={tiny_model_dir}",
             f"data.train=[{data}]",
@@ -157,26 +154,10 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, tmp_path):
             "model.dtype=float32",
             "train.mixed_precision=none",
             "train.max_steps=3",
-            f"train.batch_size={batch}",
+            f"train.batch_size={4 // processes}",
         ]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "chatforge.cli", "dpo", *args(tmp_path / "one", 4)], env=env)
-    assert one.returncode == 0
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29547",
-    ]
-    two = subprocess.run(
-        [*launcher, "-m", "chatforge.cli", "dpo", *args(tmp_path / "two", 2)], capture_output=True, env=env
-    )
-    assert two.returncode == 0, two.stderr.decode()[-3000:]
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    a, b = one_and_two_processes("dpo", args, tmp_path)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         for key in ("loss", "rewards/margin", "rewards/accuracy"):

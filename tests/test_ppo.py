@@ -9,6 +9,7 @@ import torch
 from chatforge.config import GenerateConfig, load_config
 from chatforge.errors import ChatforgeError, ConfigError, DataError
 from chatforge.train import ppo
+from conftest import one_and_two_processes
 from test_roles import CPU, make_adapter, roles_config  # tests/ is on sys.path (rootdir conftest)
 
 PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
@@ -310,16 +311,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
 ):
     """torchrun, 2 CPU processes x 8 prompts against 1 process x 16: the same prompts, answers (top_k=1
     sampling is deterministic), losses and metrics, with the critic adapter and the SFT (ptx) mix."""
-    import os
-    import subprocess
-    import sys
-
     data = jsonl(PROMPTS * 2, "prompts.jsonl")
     # SFT records of one token length: the ptx term is each process's own token mean, which
     # averages to the global one only when the token counts match
     sft = jsonl(SFT[1:] + [SFT[1]], "sft.jsonl")
 
-    def args(out, rollout, batch):
+    def args(out, processes):  # the same global rollout of 16 prompts, micro-batches of 8
+        rollout, batch = 16 // processes, 8 // processes
         return [
             f"model.path={tiny_model_dir}",
             f"data.train=[{data}]",
@@ -346,24 +344,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
             f"train.batch_size={batch}",
         ]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cli = [sys.executable, "-m", "chatforge.cli", "ppo"]
-    one = subprocess.run([*cli, *args(tmp_path / "one", 16, 8)], capture_output=True, env=env)
-    assert one.returncode == 0, one.stderr.decode()[-3000:]
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29549",
-    ]
-    two = subprocess.run(
-        [*launcher, "-m", "chatforge.cli", "ppo", *args(tmp_path / "two", 8, 4)], capture_output=True, env=env
-    )
-    assert two.returncode == 0, two.stderr.decode()[-3000:]
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    a, b = one_and_two_processes("ppo", args, tmp_path)
     assert len(a) == len(b) == 3
     keys = ("loss", "policy_loss", "value_loss", "reward", "kl", "response_length", "value_mean")
     for x, y in zip(a, b):

@@ -10,6 +10,7 @@ import pytest
 from chatforge.cli import main
 from chatforge.config import load_config
 from chatforge.train import reward
+from conftest import one_and_two_processes
 
 WORDS = ["apples", "fox", "dog", "sea", "Paris", "haiku", "JSON", "meters", "case", "answer", "world", "time"]
 
@@ -182,3 +183,28 @@ def test_resume_equals_uninterrupted(tiny_model_dir, jsonl, tmp_path):
     a = json.loads((tmp_path / "full" / "final" / "score_head.json").read_text())
     b = json.loads((tmp_path / "part" / "final" / "score_head.json").read_text())
     assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-5, abs=1e-6)
+
+
+def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, tmp_path):
+    data = jsonl(pairs(0, 24))
+
+    def args(out, processes):  # the same global batch of 4 pairs
+        return [
+            f"model.path={tiny_model_dir}",
+            f"data.train=[{data}]",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "model.dtype=float32",
+            "train.mixed_precision=none",
+            "train.warmup_ratio=0",
+            "train.lr=2e-2",
+            "train.max_steps=3",
+            "rm.center_coef=0.01",
+            f"train.batch_size={4 // processes}",
+        ]
+
+    a, b = one_and_two_processes("rm", args, tmp_path)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for key in ("loss", "rewards/margin", "rewards/accuracy", "rewards/chosen"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)

@@ -15,6 +15,7 @@ from chatforge.cli import main
 from chatforge.config import load_config
 from chatforge.models.tiny import TINY_ARCHITECTURES, save_tiny
 from chatforge.train import sft
+from conftest import one_and_two_processes
 
 CHATS = [
     {
@@ -172,24 +173,10 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, tmp_path):
     data = jsonl(CHATS)
     # dropout off: each rank draws its own masks, so only a deterministic model can match exactly
     common = ["train.max_steps=3", "peft.method=lora", "train.lr=1e-2", "peft.dropout=0.0"]
-    one = _cli(*_args(tiny_model_dir, data, tmp_path / "one", "train.batch_size=4", *common))
-    assert one.wait(timeout=300) == 0, one.stderr.read().decode()[-2000:]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "chatforge.cli",
-        "sft",
-        *_args(tiny_model_dir, data, tmp_path / "two", "train.batch_size=2", *common),
-    ]
-    two = subprocess.run(cmd, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stderr.decode()[-3000:]
-    a = [m["loss"] for m in metrics(tmp_path / "one")]
-    b = [m["loss"] for m in metrics(tmp_path / "two")]
+
+    def args(out, processes):  # the same global batch of 4
+        return _args(tiny_model_dir, data, out, f"train.batch_size={4 // processes}", *common)
+
+    a, b = one_and_two_processes("sft", args, tmp_path)
     assert len(a) == len(b) == 3
-    assert b == pytest.approx(a, rel=1e-5)
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-5)
