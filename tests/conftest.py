@@ -77,3 +77,16 @@ def one_and_two_processes(stage: str, args, tmp_path) -> tuple[list[dict], list[
     )
     assert two.returncode == 0, two.stderr.decode()[-3000:]
     return metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+
+
+def tiny_run_args(model_dir, data, out, *extra) -> list[str]:
+    """Config overrides every quick CPU training run in the tests shares (fp32, no progress bars)."""
+    return [
+        f"model.path={model_dir}",
+        f"data.train=[{data}]",
+        f"train.output_dir={out}",
+        "train.progress=false",
+        "model.dtype=float32",
+        "train.mixed_precision=none",
+        *extra,
+    ]

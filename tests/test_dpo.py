@@ -10,7 +10,7 @@ import torch
 
 from chatforge.config import load_config
 from chatforge.train import dpo
-from conftest import one_and_two_processes
+from conftest import one_and_two_processes, tiny_run_args
 
 PAIRS = [
     {"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": "no"}
@@ -24,22 +24,8 @@ def metrics(out: Path) -> list[dict]:
 
 
 def run_dpo(model_dir, data, out, *overrides):
-    cfg = load_config(
-        None,
-        [
-            f"model.path={model_dir}",
-            f"data.train=[{data}]",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "model.dtype=float32",
-            "train.mixed_precision=none",
-            "train.warmup_ratio=0",
-            "train.batch_size=4",
-            "train.lr=2e-2",
-            *overrides,
-        ],
-    )
-    return dpo.run(cfg)
+    common = ("train.warmup_ratio=0", "train.batch_size=4", "train.lr=2e-2")
+    return dpo.run(load_config(None, tiny_run_args(model_dir, data, out, *common, *overrides)))
 
 
 def test_lora_dpo_starts_at_ln2_and_moves_probability_from_rejected_to_chosen(
@@ -146,16 +132,9 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, tmp_path):
     data = jsonl(PAIRS)
 
     def args(out, processes):  # the same global batch of 4 pairs
-        return [
-            f"model.path={tiny_model_dir}",
-            f"data.train=[{data}]",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "model.dtype=float32",
-            "train.mixed_precision=none",
-            "train.max_steps=3",
-            f"train.batch_size={4 // processes}",
-        ]
+        return tiny_run_args(
+            tiny_model_dir, data, out, "train.max_steps=3", f"train.batch_size={4 // processes}"
+        )
 
     a, b = one_and_two_processes("dpo", args, tmp_path)
     assert len(a) == len(b) == 3

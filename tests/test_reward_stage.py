@@ -10,7 +10,7 @@ import pytest
 from chatforge.cli import main
 from chatforge.config import load_config
 from chatforge.train import reward
-from conftest import one_and_two_processes
+from conftest import one_and_two_processes, tiny_run_args
 
 WORDS = ["apples", "fox", "dog", "sea", "Paris", "haiku", "JSON", "meters", "case", "answer", "world", "time"]
 
@@ -31,21 +31,8 @@ def metrics(out: Path) -> list[dict]:
 
 
 def run_rm(model_dir, data, out, *overrides):
-    cfg = load_config(
-        None,
-        [
-            f"model.path={model_dir}",
-            f"data.train=[{data}]",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "model.dtype=float32",
-            "train.mixed_precision=none",
-            "train.warmup_ratio=0",
-            "train.batch_size=4",
-            "train.lr=2e-2",
-            *overrides,
-        ],
-    )
+    common = ("train.warmup_ratio=0", "train.batch_size=4", "train.lr=2e-2")
+    cfg = load_config(None, tiny_run_args(model_dir, data, out, *common, *overrides))
     return reward.run(cfg)
 
 
@@ -189,19 +176,8 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, tmp_path):
     data = jsonl(pairs(0, 24))
 
     def args(out, processes):  # the same global batch of 4 pairs
-        return [
-            f"model.path={tiny_model_dir}",
-            f"data.train=[{data}]",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "model.dtype=float32",
-            "train.mixed_precision=none",
-            "train.warmup_ratio=0",
-            "train.lr=2e-2",
-            "train.max_steps=3",
-            "rm.center_coef=0.01",
-            f"train.batch_size={4 // processes}",
-        ]
+        extra = ("train.warmup_ratio=0", "train.lr=2e-2", "train.max_steps=3", "rm.center_coef=0.01")
+        return tiny_run_args(tiny_model_dir, data, out, *extra, f"train.batch_size={4 // processes}")
 
     a, b = one_and_two_processes("rm", args, tmp_path)
     assert len(a) == len(b) == 3

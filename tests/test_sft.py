@@ -15,7 +15,7 @@ from chatforge.cli import main
 from chatforge.config import load_config
 from chatforge.models.tiny import TINY_ARCHITECTURES, save_tiny
 from chatforge.train import sft
-from conftest import one_and_two_processes
+from conftest import one_and_two_processes, tiny_run_args
 
 CHATS = [
     {
@@ -126,19 +126,8 @@ def _cli(*args, env=None):
 
 
 def _args(model_dir, data, out, *extra):
-    return [
-        f"model.path={model_dir}",
-        f"data.train=[{data}]",
-        f"train.output_dir={out}",
-        "train.progress=false",
-        "model.dtype=float32",
-        "train.mixed_precision=none",
-        "train.batch_size=2",
-        "train.max_steps=8",
-        "train.lr=1e-2",
-        "peft.dropout=0.1",
-        *extra,
-    ]
+    common = ("train.batch_size=2", "train.max_steps=8", "train.lr=1e-2", "peft.dropout=0.1")
+    return tiny_run_args(model_dir, data, out, *common, *extra)
 
 
 def test_resume_after_kill_equals_uninterrupted(tiny_model_dir, jsonl, tmp_path):
