@@ -90,3 +90,25 @@ def tiny_run_args(model_dir, data, out, *extra) -> list[str]:
         "train.mixed_precision=none",
         *extra,
     ]
+
+
+def check_resume_is_exact(run, tmp_path, keys=("loss",)) -> None:
+    """`run(out, *overrides)` trains 6 steps with checkpoints at 3 and 6; a copy of that run as if
+    killed after step 3 (later checkpoint and final/ gone, later metrics stale) resumes to the same
+    metrics for steps 4-6."""
+    import shutil
+
+    import pytest
+
+    args = ("train.max_steps=6", "train.save_every=3", "train.keep_last=5", "train.lr=1e-2")
+    run(tmp_path / "full", *args)
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-6")
+    shutil.rmtree(tmp_path / "part" / "final")
+    run(tmp_path / "part", *args, "train.resume=true")
+    want = {m["step"]: m for m in metrics_of(tmp_path / "full")}
+    got = {m["step"]: m for m in metrics_of(tmp_path / "part")}
+    assert sorted(got) == list(range(1, 7))
+    for step in (4, 5, 6):
+        for key in keys:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)

@@ -2,7 +2,7 @@
 
 import json
 import math
-import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 
 from chatforge.config import load_config
 from chatforge.train import dpo
-from conftest import one_and_two_processes, tiny_run_args
+from conftest import check_resume_is_exact, one_and_two_processes, tiny_run_args
 
 PAIRS = [
     {"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": "no"}
@@ -112,19 +112,7 @@ def test_bad_dpo_settings_are_config_errors(tiny_model_dir, jsonl, tmp_path):
 
 def test_resume_equals_uninterrupted(tiny_model_dir, jsonl, tmp_path):
     data = jsonl(PAIRS)
-    args = ("train.max_steps=6", "train.save_every=3", "train.keep_last=5", "train.lr=1e-2")
-    run_dpo(tiny_model_dir, data, tmp_path / "full", *args)
-    # the run as if killed after its step-3 checkpoint: later checkpoints gone, later metrics stale
-    shutil.copytree(tmp_path / "full", tmp_path / "part")
-    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-6")
-    shutil.rmtree(tmp_path / "part" / "final")
-    run_dpo(tiny_model_dir, data, tmp_path / "part", *args, "train.resume=true")
-    want = {m["step"]: m for m in metrics(tmp_path / "full")}
-    got = {m["step"]: m for m in metrics(tmp_path / "part")}
-    assert sorted(got) == list(range(1, 7))
-    for step in (4, 5, 6):
-        for key in ("loss", "rewards/margin"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)
+    check_resume_is_exact(partial(run_dpo, tiny_model_dir, data), tmp_path, ("loss", "rewards/margin"))
     assert (tmp_path / "part" / "final" / "adapter_config.json").is_file()
 
 

@@ -2,7 +2,7 @@
 loads back for scoring, `chatforge score` prints and writes scores, full fine-tuning, exact resume."""
 
 import json
-import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from chatforge.cli import main
 from chatforge.config import load_config
 from chatforge.train import reward
-from conftest import one_and_two_processes, tiny_run_args
+from conftest import check_resume_is_exact, one_and_two_processes, tiny_run_args
 
 WORDS = ["apples", "fox", "dog", "sea", "Paris", "haiku", "JSON", "meters", "case", "answer", "world", "time"]
 
@@ -154,19 +154,7 @@ def test_full_finetune_reward_model_saves_a_model_dir(tiny_model_dir, jsonl, tmp
 
 def test_resume_equals_uninterrupted(tiny_model_dir, jsonl, tmp_path):
     data = jsonl(pairs(0, 16))
-    args = ("train.max_steps=6", "train.save_every=3", "train.keep_last=5", "train.lr=1e-2")
-    run_rm(tiny_model_dir, data, tmp_path / "full", *args)
-    # as if killed after the step-3 checkpoint
-    shutil.copytree(tmp_path / "full", tmp_path / "part")
-    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-6")
-    shutil.rmtree(tmp_path / "part" / "final")
-    run_rm(tiny_model_dir, data, tmp_path / "part", *args, "train.resume=true")
-    want = {m["step"]: m for m in metrics(tmp_path / "full")}
-    got = {m["step"]: m for m in metrics(tmp_path / "part")}
-    assert sorted(got) == list(range(1, 7))
-    for step in (4, 5, 6):
-        for key in ("loss", "rewards/margin"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)
+    check_resume_is_exact(partial(run_rm, tiny_model_dir, data), tmp_path, ("loss", "rewards/margin"))
     a = json.loads((tmp_path / "full" / "final" / "score_head.json").read_text())
     b = json.loads((tmp_path / "part" / "final" / "score_head.json").read_text())
     assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-5, abs=1e-6)
