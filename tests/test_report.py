@@ -39,7 +39,7 @@ def test_report_tables_plots_samples_and_self_contained_html(tmp_path):
     cfg = {"train": {"lr": 0.001}, "pipeline": {"stages": ["sft", "rm", "ppo"], "samples": 2}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     _eval(run, "base", ["The answer is 1.", "two", "3 apples", "I think 4"], -1.0)
-    _eval(run, "sft", ["1", "2", "5", "7"], 0.5)
+    _eval(run, "sft", ["1", "2", "5", "7"], 0.5, scores=[1.0, 1.0, 3.0, 0.0])
     _eval(run, "ppo", ["1", "2", "3", "7"], 1.25, scores=[2.0, 0.0, 1.0, 0.5])
     (run / "eval" / "rm.json").write_text(json.dumps({"pair_accuracy": 0.9, "n": 100}))
     _metrics(
@@ -61,15 +61,15 @@ def test_report_tables_plots_samples_and_self_contained_html(tmp_path):
     se = lambda p: math.sqrt(p * (1 - p) / 4)  # noqa: E731
     # paired s.e. of the per-item differences: base->sft d=[1,1,0,0] sd/sqrt(n) = sqrt(1/12);
     # sft->ppo d=[0,0,1,0] gives 0.25. The RM ranks ppo's right answers (2, 0, 1) over its wrong
-    # one (0.5) in 2 of 3 pairs.
-    assert "| base | 0.000 ± 0.000 | 0/4 | - | -1.000 | - |" in md
+    # one (0.5) in 2 of 3 pairs, sft's right ones (1, 1) over its wrong ones (3, 0) in 2 of 4.
+    # The one item the change flips (3rd: sft "5" wrong, ppo "3" right) the RM scores 3.0 for the
+    # wrong answer and 1.0 for the right one: 0/1.
+    assert "| base | 0.000 ± 0.000 | 0/4 | - | -1.000 | - | - |" in md
     paired = 0.5 / math.sqrt(1 / 12)
-    assert (
-        f"| sft | 0.500 ± {se(0.5):.3f} | 2/4 | +0.500 ({paired:+.1f} paired s.e., +2.0 unpaired) | 0.500 | - |"
-        in md
-    )
+    sft_change = f"+0.500 ({paired:+.1f} paired s.e., +2.0 unpaired)"
+    assert f"| sft | 0.500 ± {se(0.5):.3f} | 2/4 | {sft_change} | 0.500 | 0.500 | - |" in md
     assert f"| ppo | 0.750 ± {se(0.75):.3f} | 3/4 | +0.250 (+1.0 paired s.e., " in md
-    assert "| 1.250 | 0.667 |" in md
+    assert "| 1.250 | 0.667 | 0/1 |" in md
     assert "pair accuracy 0.900" in md
     assert (
         "| sft | done | 3 | 60 | 2.50 | 300 | - |" in md and "| ppo | done | 2 | 90 | 2.50 | - | 50 |" in md

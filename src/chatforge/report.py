@@ -164,6 +164,24 @@ def _rm_auc(result: dict) -> float | None:
     return auc([s for s, c in zip(scores, correct) if c], [s for s, c in zip(scores, correct) if not c])
 
 
+def _rm_on_flips(before: dict, after: dict) -> str:
+    """'k/n': on the n items one model got right and the other wrong, how often the reward model
+    scored the right answer higher. A within-prompt check, so prompts that the reward model scores
+    on different scales (which drag the pooled AUC toward 0.5) do not blur it.
+
+    >>> e = lambda ok, sc: {"exact": {"is_correct": ok}, "reward": {"scores": sc}}
+    >>> _rm_on_flips(e([True, False, False], [1.0, 0.0, 5.0]), e([False, True, False], [2.0, 1.0, 0.0]))
+    '1/2'
+    """
+    a, b = before["exact"].get("is_correct"), after["exact"].get("is_correct")
+    sa, sb = (before.get("reward") or {}).get("scores"), (after.get("reward") or {}).get("scores")
+    if not (a and b and sa and sb) or not len(a) == len(b) == len(sa) == len(sb):
+        return "-"
+    flips = [(x, y, p, q) for x, y, p, q in zip(a, b, sa, sb) if x != y]
+    right = sum((q > p) == y for _, y, p, q in flips)
+    return f"{right}/{len(flips)}" if flips else "-"
+
+
 def _fmt(v, digits: int = 3) -> str:
     if v is None:
         return "-"
@@ -193,9 +211,10 @@ def build(run: Path) -> list[tuple]:
         prev = None
         for label, e in evals.items():
             x = e["exact"]
-            gap = "-"
+            gap = flips = "-"
             if prev is not None:
-                gap = _change(prev, x)
+                gap = _change(prev["exact"], x)
+                flips = _rm_on_flips(prev, e)
             reward = (e.get("reward") or {}).get("mean")
             rows.append(
                 [
@@ -205,10 +224,11 @@ def build(run: Path) -> list[tuple]:
                     gap,
                     _fmt(reward),
                     _fmt(_rm_auc(e)),
+                    flips,
                     _fmt(e.get("generate_tokens_per_s"), 1),
                 ]
             )
-            prev = x
+            prev = e
         head = [
             "model",
             "exact accuracy ± s.e.",
@@ -216,6 +236,7 @@ def build(run: Path) -> list[tuple]:
             "change vs previous (paired s.e.)",
             "mean RM score",
             "RM AUC right vs wrong",
+            "RM right where the change flips an item",
             "gen tok/s",
         ]
         blocks.append(("table", head, rows))
@@ -228,8 +249,11 @@ def build(run: Path) -> list[tuple]:
                 "measured against the paired standard error of the per-item differences, and the "
                 "unpaired sqrt(se_a^2 + se_b^2) is shown after it; a change beyond about 2 s.e. is "
                 "beyond sampling noise. 'RM AUC' is how often the reward model scores one of this "
-                "model's correct answers above one of its wrong ones (0.5 = it cannot tell them apart; "
-                "PPO can only learn what the reward model can see).",
+                "model's correct answers above one of its wrong ones, pooled over all prompts (0.5 = "
+                "it cannot tell them apart; PPO can only learn what the reward model can see). 'RM right "
+                "where the change flips an item' compares within a prompt: on the items this model and "
+                "the previous one disagree about (one right, one wrong), how often the reward model "
+                "scores the right answer higher.",
             )
         )
         tasks = sorted({t for e in evals.values() for t in e["exact"].get("per_task", {})})
