@@ -159,8 +159,8 @@ def merged_lora(peft_model, adapter: str):
     """Yield the plain transformers model with LoRA `adapter` folded into its weights, or None.
 
     Decoding small batches on a CPU is bound by per-layer overhead, and peft's LoRA layers add
-    several small ops to every projection: generating through them runs at about half the bare
-    model's speed. Inside this context each adapted projection is its bare base layer holding
+    several small ops to every projection: with LoRA on q,k,v,o, 16 prompts x 24 tokens of
+    SmolLM2-135M took 1.97 s through peft and 1.57 s folded (merge included). Inside this context each adapted projection is its bare base layer holding
     W + scale * B @ A in a new tensor; on exit the original weight tensors and the peft layers are
     put back untouched (never W + delta - delta, which would drift in bf16). Costs one extra copy of
     the adapted weights while it is open. None (nothing changed) when the adapter cannot be folded:
