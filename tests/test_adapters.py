@@ -151,3 +151,14 @@ def test_dora_is_not_folded(tiny_model_dir):
     peft = get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
     with merged_lora(peft, "default") as merged:
         assert merged is None
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_is_sampled_as_it_is(method, tiny_model_dir):
+    from chatforge.models.adapters import sampling_model
+
+    model = apply_peft(
+        load_model(tiny_model_dir, device=CPU), PeftConfig(method=method, num_virtual_tokens=4)
+    )
+    with sampling_model(model, merge=True) as sampler:
+        assert sampler is model

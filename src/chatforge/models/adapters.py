@@ -202,8 +202,9 @@ def sampling_model(lm, merge: bool):
     if not (merge and is_peft_model(lm)):
         yield lm
         return
-    active = lm.base_model.active_adapters  # the LoRA model's own record; roles switch it directly
-    if len(active) != 1:
+    # the LoRA model's own record (roles switch it directly); prompt learning has no such list
+    active = getattr(lm.base_model, "active_adapters", None)
+    if not isinstance(active, (list, tuple)) or len(active) != 1:
         yield lm
         return
     with merged_lora(lm, active[0]) as merged:
