@@ -135,3 +135,11 @@ def test_bad_pipeline_configs_fail_before_any_work(tmp_path, overrides, message)
     with pytest.raises(ConfigError, match=message):
         pipeline.run(cfg)
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_held_out_pairs_have_their_own_size(tiny_model_dir, tmp_path):
+    sizes = "{sft: 4, preference: 4, rl: 4, eval: 6, preference_eval: 3}"
+    cfg = pipeline_config(tiny_model_dir, tmp_path / "run", f"pipeline.task_sizes={sizes}")
+    paths = pipeline.write_data(cfg, tmp_path / "run")
+    lines = {k: len(v.read_text().splitlines()) for k, v in paths.items()}
+    assert lines == {"sft": 4, "preference": 4, "rl": 4, "eval": 6, "preference_eval": 3}

@@ -217,7 +217,11 @@ class PipelineConfig:
     overrides: dict = opt({}, "per-stage overrides: {stage: {dotted.key: value}}")
     task: str = opt("", "built-in task whose data the pipeline writes first (chatforge.data.tasks)")
     task_seed: int = opt(0, "seed of the built-in task data")
-    task_sizes: dict = opt({}, "records per split of the task data, e.g. {sft: 2000, eval: 200}")
+    task_sizes: dict = opt(
+        {},
+        "records per split of the task data, e.g. {sft: 2000, eval: 200}; preference_eval: held-out "
+        "pairs for the reward model's accuracy and statistics (default: the eval size)",
+    )
     eval_data: str = opt("", "eval JSONL (prompt, answer); default RUN/data/eval.jsonl with pipeline.task")
     eval_base: bool = opt(True, "also evaluate the starting model, before any stage")
     eval_max_new_tokens: int = opt(32, "answer length limit in evaluation (greedy decoding)")

@@ -82,10 +82,11 @@ def write_data(cfg: Config, run: Path) -> dict[str, Path]:
         return paths
     p = cfg.pipeline
     log(f"writing built-in task data '{p.task}' (seed {p.task_seed}) to {out}")
-    write_task_data(p.task, out, seed=p.task_seed, sizes=p.task_sizes or None)
+    sizes = dict(p.task_sizes)
+    n = int(sizes.pop("preference_eval", sizes.get("eval", 200)))
+    write_task_data(p.task, out, seed=p.task_seed, sizes=sizes or None)
     # Reward-model accuracy is measured on pairs from the eval split, which training never sees.
     rng = random.Random(f"chatforge.pipeline/{p.task}/{p.task_seed}/preference_eval")
-    n = int(p.task_sizes.get("eval", 200))
     with open(paths["preference_eval"], "w") as f:
         for _ in range(n):
             prob = generate(p.task, rng, "eval")
