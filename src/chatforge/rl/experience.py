@@ -140,38 +140,25 @@ def make_experience(
     )
     amp = autocast or contextlib.nullcontext
 
-    def logps(model):
-        def fn(b):
-            with amp():
-                lp, _ = model(b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"])
-            return lp[:, -b["response_mask"].shape[1] :]
+    model = roles.model()
 
-        return fn
-
-    def logps_and_values(b):  # ppo.critic=head: the values come from the actor's own forward
+    def logps_and_values(b):  # the same forward path as the loss (actor, then critic or value head)
         w = b["response_mask"].shape[1]
         with amp():
-            lp, _, hidden = roles.policy(
-                b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"], return_hidden=True
+            lp, _, v = model(
+                b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"], with_entropy=False
             )
-        return lp[:, -w:], roles.critic.read(hidden[:, -w:])
+        return lp[:, -w:], v[:, -w:]
 
-    def values(b):
-        w = b["response_mask"].shape[1]
+    def ref_logps(b):
         with amp():
-            return roles.critic(b["input_ids"], b["attention_mask"], b["position_ids"])[:, -w - 1 : -1]
+            lp, _ = roles.ref_policy(b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"])
+        return lp[:, -b["response_mask"].shape[1] :]
 
-    if roles.critic_mode == "head":
-        with roles.use("actor"):
-            exp.old_logp, exp.old_values = _forward_all(exp, logps_and_values, batch_size, device, R, 2)
-        exp.old_values = exp.old_values * rmask
-    else:
-        with roles.use("actor"):
-            exp.old_logp = _forward_all(exp, logps(roles.policy), batch_size, device, R)
-        with roles.use("critic"):
-            exp.old_values = _forward_all(exp, values, batch_size, device, R) * rmask
+    exp.old_logp, exp.old_values = _forward_all(exp, logps_and_values, batch_size, device, R, 2)
+    exp.old_values = exp.old_values * rmask
     with roles.use("ref"):
-        exp.ref_logp = _forward_all(exp, logps(roles.ref_policy), batch_size, device, R)
+        exp.ref_logp = _forward_all(exp, ref_logps, batch_size, device, R)
     exp.kl = kl_estimate(exp.old_logp, exp.ref_logp, kl_estimator) * rmask
     exp.rewards = token_rewards(exp.kl, exp.scores, rmask, kl_coef)
     adv, exp.returns = gae(exp.rewards, exp.old_values, rmask, gamma, lam)

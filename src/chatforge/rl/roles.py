@@ -55,19 +55,29 @@ class PPOModel(nn.Module):
         self.critic = critic  # ScalarHeadModel(name="value")
         object.__setattr__(self, "roles", roles)  # not a submodule: it holds references only
 
-    def forward(self, input_ids, attention_mask, position_ids, target_mask, values: bool = True):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        target_mask,
+        values: bool = True,
+        with_entropy: bool = True,
+    ):
         """(logps, entropy, values) for one batch, each (B, T-1) and aligned: position t predicts
         token t+1 and values[:, t] is the value of the state that token is sampled from. With
-        values=False (an SFT micro-batch) the critic does not run and entropy and values are None.
+        values=False (an SFT micro-batch) the critic does not run and values is None; entropy is
+        None unless asked for.
 
-        Everything the PPO loss needs goes through this one call, so DDP sees it and syncs gradients.
+        Everything the PPO loss needs goes through this one call, so DDP sees it and syncs gradients;
+        experience collection uses it too.
         """
         args = (input_ids, attention_mask, position_ids, target_mask)
         head = self.roles.critic_mode == "head"
         with self.roles.use("actor"):
             if not values:
                 return self.policy(*args)[0], None, None
-            out = self.policy(*args, with_entropy=True, return_hidden=head)
+            out = self.policy(*args, with_entropy=with_entropy, return_hidden=head)
         if head:  # the value head learns on the actor's features; the actor is not moved by it
             return out[0], out[1], self.critic.read(out[2].detach())
         with self.roles.use("critic"):
