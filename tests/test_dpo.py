@@ -94,6 +94,25 @@ def test_precomputed_reference_equals_live_reference(method, tiny_model_dir, jso
     assert (Path(live) / kind).is_file()
 
 
+def test_shared_prompt_rows_train_like_separate_rows(tiny_model_dir, jsonl, tmp_path, capsys):
+    data = jsonl(PAIRS)
+    run_dpo(tiny_model_dir, data, tmp_path / "shared", "train.max_steps=3")
+    assert "pair batches: one row per pair, prompt shared (data.share_prompt=auto)" in capsys.readouterr().out
+    run_dpo(tiny_model_dir, data, tmp_path / "rows", "train.max_steps=3", "data.share_prompt=off")
+    for x, y in zip(metrics(tmp_path / "shared"), metrics(tmp_path / "rows"), strict=True):
+        for key in ("loss", "rewards/margin", "logps/chosen", "logps/rejected"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+
+
+def test_shared_prompt_on_refuses_a_model_that_cannot_branch(jsonl, tmp_path):
+    from chatforge.errors import ConfigError
+    from chatforge.models.tiny import save_tiny
+
+    bloom = save_tiny(tmp_path / "bloom", "bloom")
+    with pytest.raises(ConfigError, match="data.share_prompt=on, but this model does not"):
+        run_dpo(bloom, jsonl(PAIRS), tmp_path / "run", "train.max_steps=1", "data.share_prompt=on")
+
+
 def test_simpo_with_sft_term_learns_without_a_reference(tiny_model_dir, jsonl, tmp_path):
     overrides = ("train.max_steps=6", "dpo.loss_type=simpo", "dpo.beta=2.0", "dpo.sft_weight=0.5")
     run_dpo(tiny_model_dir, jsonl(PAIRS), tmp_path, *overrides, "dpo.label_smoothing=0.1")

@@ -71,6 +71,62 @@ def test_one_concatenated_forward_equals_two_forwards(tokenizer, jsonl):
     ]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
+def test_branched_pairs_give_the_numbers_of_separate_rows(family, tokenizer, jsonl):
+    """One row per pair (prompt once, both responses after it) = chosen and rejected rows:
+    log-probs, token counts, reward scores and LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from chatforge.models.heads import ScalarHeadModel
+    from chatforge.models.logprobs import branches_supported
+    from chatforge.train.reward import pair_scores
+
+    examples, _ = build_preference_examples(jsonl(PAIRS * 2), tokenizer, max_length=64)
+    rows, branched = (collate_pairs(examples, tokenizer.pad_token_id, branched=b) for b in (False, True))
+    assert branched["input_ids"].shape[0] == len(examples) and "branch" in branched
+    assert branched["num_tokens"] < int(rows["attention_mask"].sum())  # the prompt is there once
+    lm = tiny_model(family, tokenizer, seed=3).eval()
+    assert branches_supported(lm)
+    model = LogprobModel(lm)
+    (sums_r, counts_r), (sums_b, counts_b) = (sequence_logps(model, b) for b in (rows, branched))
+    torch.testing.assert_close(sums_b, sums_r, atol=1e-5, rtol=1e-5)
+    assert counts_b.tolist() == counts_r.tolist()
+    scorer = ScalarHeadModel(lm)
+    with torch.no_grad():
+        torch.testing.assert_close(pair_scores(scorer, branched), pair_scores(scorer, rows), atol=1e-5, rtol=1e-5)
+    if family == "llama":
+        peft = LogprobModel(get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+        for p in peft.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)
+        grads = []
+        for batch in (rows, branched):
+            peft.zero_grad()
+            (sequence_logps(peft, batch)[0] * torch.arange(1.0, 9.0)).sum().backward()
+            grads.append([p.grad.clone() for p in peft.parameters() if p.requires_grad])
+        for g_r, g_b in zip(*grads):
+            torch.testing.assert_close(g_b, g_r, atol=1e-5, rtol=1e-4)
+
+
+def test_the_probe_keeps_separate_rows_where_branching_is_not_exact(tokenizer, monkeypatch):
+    from chatforge.data import collate
+    from chatforge.models.logprobs import branches_supported
+
+    assert not branches_supported(tiny_model("bloom", tokenizer))  # ALiBi from a 2D mask
+    ignore_mask = collate.collate_branches
+
+    def plain_causal(*args, **kw):  # as if a model ignored the 4D mask: branches see each other
+        b = ignore_mask(*args, **kw)
+        width = b["input_ids"].shape[1]
+        b["attention_mask"] = torch.ones(width, width, dtype=torch.bool).tril()[None, None]
+        return b
+
+    lm = tiny_model("llama", tokenizer)
+    assert branches_supported(lm)
+    monkeypatch.setattr(collate, "collate_branches", plain_causal)
+    assert not branches_supported(lm)
+
+
 def test_missing_field_names_file_line_and_field(tokenizer, jsonl):
     path = jsonl(
         [PAIRS[0], {"prompt": "hi", "chosen": "yes"}, {"prompt": "x", "chosen": "", "rejected": "y"}]

@@ -152,6 +152,20 @@ def test_full_finetune_reward_model_saves_a_model_dir(tiny_model_dir, jsonl, tmp
     assert len(score_texts(model, tok, ["hi"], ["there"])) == 1
 
 
+def test_shared_prompt_rows_train_like_separate_rows(tiny_model_dir, jsonl, tmp_path):
+    data = jsonl(pairs(0, 16))
+    # centring gives the head's bias a gradient: without it the bias gets float noise, which Adam
+    # turns into lr-sized steps that shift every reward (margins and accuracy are unaffected)
+    common = ("train.max_steps=3", "rm.center_coef=0.01")
+    run_rm(tiny_model_dir, data, tmp_path / "shared", *common, "data.share_prompt=on")
+    run_rm(tiny_model_dir, data, tmp_path / "rows", *common, "data.share_prompt=off")
+    for x, y in zip(metrics(tmp_path / "shared"), metrics(tmp_path / "rows"), strict=True):
+        for key in ("loss", "rewards/margin", "rewards/chosen"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    head = [json.loads((tmp_path / r / "final" / "score_head.json").read_text()) for r in ("shared", "rows")]
+    assert head[0]["reward_mean"] == pytest.approx(head[1]["reward_mean"], abs=1e-4)
+
+
 def test_resume_equals_uninterrupted(tiny_model_dir, jsonl, tmp_path):
     data = jsonl(pairs(0, 16))
     check_resume_is_exact(partial(run_rm, tiny_model_dir, data), tmp_path, ("loss", "rewards/margin"))

@@ -60,6 +60,12 @@ class DataConfig:
     packing: bool = opt(False, "pack several short examples per row (no attention across examples)")
     assistant_only_loss: bool = opt(True, "train only on assistant tokens; false trains on every token")
     eval_fraction: float = opt(0.0, "hold out this fraction of data.train for eval when data.eval is empty")
+    share_prompt: str = opt(
+        "auto",
+        "preference pairs (rm, dpo): one row per pair, the prompt once and both responses after it "
+        "(fewer tokens when prompts are long); auto = on where the model passes an exactness probe",
+        ("auto", "on", "off"),
+    )
 
 
 @dataclass

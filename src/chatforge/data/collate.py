@@ -185,3 +185,74 @@ def collate_packed(
         "position_ids": position_ids,
         "num_tokens": sum(len(r) for r in rows),
     }
+
+
+def collate_branches(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int) -> dict:
+    """One row per group of sequences that share a prefix: the prefix once, then each branch.
+
+    `groups` holds (prefix ids, [branch ids, ...]) with the same number K of branches in every group
+    (a preference pair is a prompt with K=2 responses; a GRPO group a prompt with K answers). Each
+    branch attends to the prefix and to itself only, and its positions continue from the prefix's
+    length, so every branch token sees exactly what it would see in a row of its own: prefix +
+    branch. The prefix is computed once instead of K times.
+
+    Returns, for G groups padded right to T tokens:
+        input_ids (G, T); position_ids (G, T) (0 on padding);
+        attention_mask (G, 1, T, T) bool, True where query t may attend to key s (transformers
+            uses a 4D mask as given);
+        branch (G, T) long: 0 on the prefix, k+1 on branch k, -1 on padding;
+        prev (G, T) long: the position whose hidden state predicts each token (t-1, but the
+            prefix's last position for a branch's first token; 0 where nothing predicts it);
+        last (G, K) long: the position of each branch's last token;
+        num_tokens: real tokens in the batch.
+
+    >>> b = collate_branches([([1, 2], [[3, 4], [5]])], pad_id=0)
+    >>> b["input_ids"].tolist(), b["position_ids"].tolist(), b["branch"].tolist()
+    ([[1, 2, 3, 4, 5]], [[0, 1, 2, 3, 2]], [[0, 0, 1, 1, 2]])
+    >>> b["prev"].tolist(), b["last"].tolist()
+    ([[0, 0, 1, 2, 1]], [[3, 4]])
+    >>> b["attention_mask"][0, 0].int().tolist()[-1]  # token 5 sees the prefix and itself
+    [1, 1, 0, 0, 1]
+    """
+    if not groups:
+        raise ValueError("collate_branches needs at least one group")
+    k = len(groups[0][1])
+    rows = []
+    for prefix, branches in groups:
+        if not prefix or len(branches) != k or not all(branches):
+            raise ValueError("every group needs a non-empty prefix and the same number of non-empty branches")
+        ids, pos, br, last = list(prefix), list(range(len(prefix))), [0] * len(prefix), []
+        prev = [max(t - 1, 0) for t in range(len(prefix))]
+        for j, branch in enumerate(branches, start=1):
+            start = len(ids)
+            ids += branch
+            pos += range(len(prefix), len(prefix) + len(branch))
+            br += [j] * len(branch)
+            prev += [len(prefix) - 1] + list(range(start, start + len(branch) - 1))
+            last.append(len(ids) - 1)
+        rows.append((ids, pos, br, prev, last))
+    width = max(len(r[0]) for r in rows)
+    g = len(rows)
+    input_ids = torch.full((g, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((g, width), dtype=torch.long)
+    branch = torch.full((g, width), -1, dtype=torch.long)
+    prev = torch.zeros((g, width), dtype=torch.long)
+    for i, (ids, pos, br, pv, _) in enumerate(rows):
+        n = len(ids)
+        input_ids[i, :n] = torch.tensor(ids)
+        position_ids[i, :n] = torch.tensor(pos)
+        branch[i, :n] = torch.tensor(br)
+        prev[i, :n] = torch.tensor(pv)
+    t = torch.arange(width)
+    causal = t[None, :] <= t[:, None]  # [query, key]
+    key, query = branch[:, None, :], branch[:, :, None]
+    mask = causal & ((key == 0) | (key == query))
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask[:, None],
+        "branch": branch,
+        "prev": prev,
+        "last": torch.tensor([r[4] for r in rows], dtype=torch.long),
+        "num_tokens": sum(len(r[0]) for r in rows),
+    }

@@ -9,7 +9,8 @@ silently: chosen identical to rejected, a prompt that leaves no room for a respo
 and pairs whose responses become identical once cut to max_length.
 
 `collate_pairs` puts the B chosen rows first and the B rejected rows after them in ONE (2B, T)
-batch, so a single forward pass scores both sides (the same numbers as two separate forwards).
+batch, so a single forward pass scores both sides (the same numbers as two separate forwards); or,
+branched, one row per pair holding the prompt once and both responses after it (`data.share_prompt`).
 
     >>> ex = {"prompt_len": 2, "chosen_ids": [5, 6, 7], "rejected_ids": [5, 6, 8, 9], "margin": None}
     >>> b = collate_pairs([ex], pad_id=0)
@@ -111,21 +112,34 @@ def build_preference_examples(
     return examples, report
 
 
-def collate_pairs(examples: list[dict], pad_id: int) -> dict:
-    """One right-padded (2B, T) batch: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1].
+def collate_pairs(examples: list[dict], pad_id: int, branched: bool = False) -> dict:
+    """A pair batch: (2B, T) rows, or with `branched` one (B, T) row per pair.
 
-    `labels` mark the response tokens (IGNORE_INDEX on prompt and padding); `margin` is (B,) with 0
-    where a pair has none; `ref_chosen` / `ref_rejected` (B,) are passed on when the examples carry
-    precomputed reference log-probs.
+    Rows: right-padded [chosen_0..chosen_B-1, rejected_0..rejected_B-1]; `labels` mark the response
+    tokens (IGNORE_INDEX on prompt and padding). Branched (`collate.collate_branches`): the prompt
+    once, then the chosen and the rejected response, each attending to the prompt and itself, so
+    the prompt is computed once per pair; `branch` is 1 on chosen and 2 on rejected tokens, `last`
+    (B, 2) their last positions. A batch with an empty prompt or response falls back to rows.
+    Either way `margin` is (B,) with 0 where a pair has none, and `ref_chosen` / `ref_rejected` (B,)
+    are passed on when the examples carry precomputed reference log-probs.
     """
     import torch
 
-    rows = []
-    for side in ("chosen_ids", "rejected_ids"):
-        for ex in examples:
-            ids, start = ex[side], ex["prompt_len"]
-            rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * start + ids[start:]})
-    batch = pad_batch(rows, pad_id=pad_id)
+    from chatforge.data.collate import collate_branches
+
+    groups = [
+        (ex["chosen_ids"][: ex["prompt_len"]], [ex[side][ex["prompt_len"] :] for side in ("chosen_ids", "rejected_ids")])
+        for ex in examples
+    ]
+    if branched and all(prefix and all(responses) for prefix, responses in groups):
+        batch = collate_branches(groups, pad_id=pad_id)
+    else:
+        rows = []
+        for side in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                ids, start = ex[side], ex["prompt_len"]
+                rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * start + ids[start:]})
+        batch = pad_batch(rows, pad_id=pad_id)
     batch["margin"] = torch.tensor([float(ex.get("margin") or 0.0) for ex in examples])
     for key in ("ref_chosen", "ref_rejected"):
         if all(key in ex for ex in examples):

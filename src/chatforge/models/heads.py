@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from chatforge.models.logprobs import split_backbone
+from chatforge.models.logprobs import last_hidden_states
 
 
 def hidden_size_of(lm) -> int:
@@ -49,16 +49,7 @@ class ScalarHeadModel(nn.Module):
         self.head = head.to(device)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        parts = split_backbone(self.lm)
-        if parts is not None:
-            out = parts[0](
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            )
-            return out.last_hidden_state
-        out = self.lm(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-        )
-        return out.hidden_states[-1][:, -input_ids.shape[1] :]
+        return last_hidden_states(self.lm, input_ids, attention_mask, position_ids)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """Values (B, T) fp32, one per token."""

@@ -120,6 +120,67 @@ def split_backbone(lm):
     return decoder, head
 
 
+def model_attention_mask(lm, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`mask` as the model's attention takes it: a 4D boolean mask (True = attend) becomes additive
+    (0 / dtype min) unless the model runs SDPA, which takes booleans; 2D masks pass unchanged."""
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool:
+        return mask
+    base, _ = _unwrap_peft(lm)
+    if getattr(base.config, "_attn_implementation", "eager") == "sdpa":
+        return mask
+    dtype = next(base.parameters()).dtype
+    if not dtype.is_floating_point:  # 4-bit storage: attention runs in the compute dtype
+        dtype = torch.float32
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def last_hidden_states(lm, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """The last layer's hidden states (B, T, H) of `lm` (plain or peft), without the LM head."""
+    attention_mask = model_attention_mask(lm, attention_mask)
+    parts = split_backbone(lm)
+    if parts is not None:
+        out = parts[0](
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state
+    kw = {"position_ids": position_ids} if position_ids is not None else {}
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **kw)
+    return out.hidden_states[-1][:, -input_ids.shape[1] :]  # prompt tuning prepends virtual tokens
+
+
+@torch.no_grad()
+def branches_supported(lm) -> bool:
+    """Whether `lm` computes branched rows (`collate_branches`) exactly as separate rows.
+
+    A probe of two short branches on a shared prefix, compared with the same sequences run one row
+    each. Models that build their own position biases from a 2D mask (BLOOM's ALiBi), that do not
+    take a 4D mask, or prepend virtual tokens (prefix/prompt tuning) fail it and keep separate rows.
+    """
+    from chatforge.data.collate import collate_branches
+
+    base, virtual = _unwrap_peft(lm)
+    if virtual:
+        return False
+    prefix, branches = [3, 4, 5, 6, 7, 8], [[9, 10, 11], [12, 13]]
+    device = next(base.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_branches([(prefix, branches)], pad_id=0).items() if torch.is_tensor(v)}
+    was_training = lm.training
+    lm.eval()
+    try:
+        hidden = last_hidden_states(lm, batch["input_ids"], batch["attention_mask"], batch["position_ids"])[0]
+        for k, branch in enumerate(branches, start=1):
+            alone = last_hidden_states(lm, torch.tensor([prefix + branch], device=device))[0].float()
+            got = torch.cat([hidden[: len(prefix)], hidden[batch["branch"][0] == k]]).float()
+            tol = 1e-4 if hidden.dtype == torch.float32 else 2e-2
+            if not torch.isfinite(got).all() or (got - alone).abs().max() > tol * alone.abs().max():
+                return False
+    except Exception:  # noqa: BLE001  any failure of the probe means: keep separate rows
+        return False
+    finally:
+        lm.train(was_training)
+    return True
+
+
 def token_logprobs(
     lm,
     input_ids: torch.Tensor,
@@ -130,15 +191,19 @@ def token_logprobs(
     with_entropy: bool = False,
     chunk_size: int = 1024,
     return_hidden: bool = False,
+    prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Log-probs of each next token under a causal LM.
 
     Args:
         input_ids: (B, T) token ids.
-        attention_mask: (B, T) 1 for real tokens; None for packed rows (position_ids then restart).
+        attention_mask: (B, T) 1 for real tokens; None for packed rows (position_ids then restart);
+            or (B, 1, T, T) bool for rows whose tokens branch (`data.collate.collate_branches`).
         position_ids: (B, T) or None.
         target_mask: (B, T) bool, True where input_ids[b, t] is a target whose log-prob is wanted
             (its first column is ignored: nothing predicts the first token). None = every token.
+        prev: (B, T) or None: the position whose hidden state predicts token t (None = t-1, a
+            plain row); branched rows give it (a branch's first token is read at the prefix's end).
     Returns:
         logps (B, T-1) fp32: logps[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]), 0 off-target;
         entropy (B, T-1) fp32 of the predictive distribution at the same positions, or None;
@@ -147,13 +212,22 @@ def token_logprobs(
     """
     targets = input_ids[:, 1:]
     mask = torch.ones_like(targets, dtype=torch.bool) if target_mask is None else target_mask[:, 1:].bool()
+    attention_mask = model_attention_mask(lm, attention_mask)
+
+    def read(states: torch.Tensor) -> torch.Tensor:
+        """The states (B, T, ...) that predict each target, flattened to (N, ...)."""
+        if prev is None:
+            return states[:, :-1][mask]
+        return states[mask.nonzero(as_tuple=True)[0], prev[:, 1:][mask]]
+
     parts = split_backbone(lm)
     if parts is not None:
         decoder, head = parts
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state[:, :-1]
-        lp, ent = head_logprobs(hidden[mask], head, targets[mask], temperature, chunk_size, with_entropy)
+        ).last_hidden_state
+        lp, ent = head_logprobs(read(hidden), head, targets[mask], temperature, chunk_size, with_entropy)
+        hidden = hidden[:, :-1]
     else:
         kw = {"position_ids": position_ids} if position_ids is not None else {}
         out = lm(
@@ -164,9 +238,9 @@ def token_logprobs(
             **kw,
         )
         width = input_ids.shape[1]
-        logits = out.logits[:, -width:][:, :-1]  # prompt tuning prepends virtual tokens
+        logits = out.logits[:, -width:]  # prompt tuning prepends virtual tokens
         hidden = out.hidden_states[-1][:, -width:][:, :-1] if return_hidden else None
-        sel = logits[mask].float() / temperature
+        sel = read(logits).float() / temperature
         lp = sel.gather(1, targets[mask][:, None]).squeeze(1) - sel.logsumexp(-1)
         ent = torch.distributions.Categorical(logits=sel.detach()).entropy() if with_entropy else None
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=input_ids.device)

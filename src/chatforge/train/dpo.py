@@ -29,8 +29,15 @@ def sequence_logps(model, batch: dict):
 
     `model` is a `LogprobModel` (or a data-parallel wrapper of one).
     """
+    import torch
+
+    ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+    if "branch" in batch:  # branched: one row per pair, chosen = branch 1, rejected = branch 2
+        logps, _ = model(ids, attention, positions, batch["branch"] > 0, prev=batch["prev"])
+        sides = [batch["branch"][:, 1:] == k for k in (1, 2)]
+        return torch.cat([(logps * m).sum(-1) for m in sides]), torch.cat([m.sum(-1) for m in sides])
     target = batch["labels"] != -100
-    logps, _ = model(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"), target)
+    logps, _ = model(ids, attention, positions, target)
     mask = target[:, 1:]
     return (logps * mask).sum(-1), mask.sum(-1)
 
@@ -115,7 +122,7 @@ def dpo_loss(model, batch, normalizer, *, dcfg, reference=None):
 
 def pair_units(batch: dict) -> int:
     """Pairs in a batch: the loss is a mean over pairs."""
-    return batch["input_ids"].shape[0] // 2
+    return len(batch["margin"])
 
 
 def precompute_reference(trainer, reference, groups: list[list[dict]], collate, batch_size: int) -> None:
@@ -150,6 +157,26 @@ def check_dpo_config(dcfg) -> None:
         raise ConfigError(f"dpo.sft_weight must be 0 or more (got {dcfg.sft_weight!r})")
 
 
+def pair_collate(cfg: Config, lm, pad_id: int):
+    """`collate_pairs` in the layout `data.share_prompt` asks for, with the choice logged."""
+    from chatforge.data.preference import collate_pairs
+    from chatforge.errors import ConfigError
+    from chatforge.models.logprobs import branches_supported
+    from chatforge.train.common import log
+
+    mode = cfg.data.share_prompt
+    branched = mode != "off" and branches_supported(lm)
+    if mode == "on" and not branched:
+        raise ConfigError(
+            "data.share_prompt=on, but this model does not compute a shared-prompt row exactly like "
+            "separate rows (no 4D attention mask support, position biases of its own, or virtual "
+            "tokens); use data.share_prompt=auto or off"
+        )
+    how = "one row per pair, prompt shared" if branched else "chosen and rejected rows"
+    log(f"pair batches: {how} (data.share_prompt={mode})")
+    return partial(collate_pairs, pad_id=pad_id, branched=branched)
+
+
 def load_pairs(cfg: Config, tokenizer):
     """(train pairs, eval pairs) per data.train / data.eval / data.eval_fraction, with logged reports."""
     from chatforge.data.preference import build_preference_examples
@@ -168,7 +195,6 @@ def load_pairs(cfg: Config, tokenizer):
 def run(cfg: Config) -> str:
     import os
 
-    from chatforge.data.preference import collate_pairs
     from chatforge.errors import ConfigError
     from chatforge.losses.preference import REFERENCE_FREE
     from chatforge.models.heads import disable_dropout
@@ -182,7 +208,7 @@ def run(cfg: Config) -> str:
     model, tok = build_policy(cfg, dropout=0.0)
     disable_dropout(model.lm)
     items, eval_items = load_pairs(cfg, tok)
-    collate = partial(collate_pairs, pad_id=tok.pad_token_id)
+    collate = pair_collate(cfg, model.lm, tok.pad_token_id)
     adapters = cfg.peft.method != "none"
     reference = None
     if cfg.dpo.loss_type in REFERENCE_FREE:

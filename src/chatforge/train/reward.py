@@ -33,10 +33,15 @@ STATS_LIMIT = 1000  # pairs scored for reward_mean/std when there is no eval set
 
 
 def pair_scores(model, batch: dict):
-    """Scores (2B,) at each row's last real token: chosen rows first, then rejected."""
+    """Scores (2B,) at each response's last token: chosen first, then rejected (rows or branched)."""
+    import torch
+
     from chatforge.models.heads import last_token_index
 
     values = model(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+    if "last" in batch:  # branched: one row per pair
+        scores = values.gather(1, batch["last"])
+        return torch.cat([scores[:, 0], scores[:, 1]])
     return values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
 
 
@@ -97,13 +102,12 @@ def as_eval_metrics(stats: dict) -> dict:
 def run(cfg: Config) -> str:
     import os
 
-    from chatforge.data.preference import collate_pairs
     from chatforge.errors import ConfigError
     from chatforge.models.adapters import save_final
     from chatforge.models.heads import ScalarHeadModel, disable_dropout
     from chatforge.models.load import resolve_model_path
     from chatforge.train.common import build_policy, log, start_run
-    from chatforge.train.dpo import load_pairs, pair_units
+    from chatforge.train.dpo import load_pairs, pair_collate, pair_units
     from chatforge.train.loop import Trainer, steps_for
 
     if not cfg.data.train:
@@ -120,7 +124,7 @@ def run(cfg: Config) -> str:
     disable_dropout(lm)
     model = ScalarHeadModel(lm, name="score")
     items, eval_items = load_pairs(cfg, tok)
-    collate = partial(collate_pairs, pad_id=tok.pad_token_id)
+    collate = pair_collate(cfg, lm, tok.pad_token_id)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world))
     stats_on = "eval" if eval_items else "train"
