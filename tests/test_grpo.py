@@ -302,3 +302,48 @@ def test_micro_batches_trim_padding_without_changing_log_probs(tiny_model_dir):
         )
         assert float(b["advantages"]) == float(adv[i])
     assert micro[1]["input_ids"].shape[1] < micro[0]["input_ids"].shape[1]  # the short prompt lost its pads
+
+
+def test_branched_micro_batches_give_the_log_probs_and_gradients_of_rows(tiny_model_dir):
+    """A prompt's answers in one row (the prompt once) = one row per answer, also where a micro-batch
+    holds answers to two prompts and a group is split across micro-batches."""
+    from peft import LoraConfig, get_peft_model
+
+    from chatforge.models.load import load_model, load_tokenizer
+    from chatforge.models.logprobs import LogprobModel
+    from chatforge.rl.generate import generate
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(tiny_model_dir)
+    lm = get_peft_model(load_model(tiny_model_dir, device=torch.device("cpu")), LoraConfig(r=4))
+    for p in lm.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    model = LogprobModel(lm)
+    prompts = [tok("What is 2 plus 3?")["input_ids"]] * 3 + [tok("hi")["input_ids"]] * 3
+    gen = generate(model.lm, tok, prompts, max_new_tokens=10, temperature=1.0)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    rows, branched = (grpo.micro_batches(gen, adv, 4, torch.device("cpu"), b) for b in (False, True))
+    assert [b["input_ids"].shape[0] for b in branched] == [2, 1]  # prompt A + prompt B; the rest of B
+    assert sum(b["num_tokens"] for b in branched) < sum(b["num_tokens"] for b in rows)
+    for r, b in zip(grpo.sequence_logprobs(model, rows), grpo.sequence_logprobs(model, branched)):
+        torch.testing.assert_close(b, r, atol=1e-5, rtol=1e-5)
+    grads = []
+    for micro in (rows, branched):
+        model.zero_grad()
+        for batch in micro:
+            loss, _ = grpo.grpo_loss(model, batch, normalizer=10.0, clip_eps=0.2, beta=0.0)
+            loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for g_r, g_b in zip(*grads):
+        torch.testing.assert_close(g_b, g_r, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prompt_runs_like_one_row_per_answer(tiny_model_dir, jsonl, reward_file, tmp_path, capsys):
+    data = jsonl(PROMPTS)
+    grpo.run(config(tiny_model_dir, data, tmp_path / "shared", reward_file, "train.max_steps=3"))
+    assert "learning batches: prompt shared, one row per prompt (data.share_prompt=auto)" in capsys.readouterr().out
+    grpo.run(config(tiny_model_dir, data, tmp_path / "rows", reward_file, "train.max_steps=3", "data.share_prompt=off"))
+    for x, y in zip(metrics(tmp_path / "shared"), metrics(tmp_path / "rows"), strict=True):
+        for key in ("loss", "kl", "reward", "response_length"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)

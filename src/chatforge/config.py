@@ -62,8 +62,8 @@ class DataConfig:
     eval_fraction: float = opt(0.0, "hold out this fraction of data.train for eval when data.eval is empty")
     share_prompt: str = opt(
         "auto",
-        "preference pairs (rm, dpo): one row per pair, the prompt once and both responses after it "
-        "(fewer tokens when prompts are long); auto = on where the model passes an exactness probe",
+        "rows with one prompt (rm/dpo pairs, grpo groups) become one row: the prompt once, each "
+        "response attending to it and itself (fewer tokens); auto = on where the model passes an exactness probe",
         ("auto", "on", "off"),
     )
 

@@ -190,8 +190,8 @@ def collate_packed(
 def collate_branches(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int) -> dict:
     """One row per group of sequences that share a prefix: the prefix once, then each branch.
 
-    `groups` holds (prefix ids, [branch ids, ...]) with the same number K of branches in every group
-    (a preference pair is a prompt with K=2 responses; a GRPO group a prompt with K answers). Each
+    `groups` holds (prefix ids, [branch ids, ...]) (a preference pair is a prompt with 2 responses,
+    a GRPO group a prompt with its answers; groups may have different numbers of branches). Each
     branch attends to the prefix and to itself only, and its positions continue from the prefix's
     length, so every branch token sees exactly what it would see in a row of its own: prefix +
     branch. The prefix is computed once instead of K times.
@@ -203,7 +203,8 @@ def collate_branches(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int
         branch (G, T) long: 0 on the prefix, k+1 on branch k, -1 on padding;
         prev (G, T) long: the position whose hidden state predicts each token (t-1, but the
             prefix's last position for a branch's first token; 0 where nothing predicts it);
-        last (G, K) long: the position of each branch's last token;
+        last (G, K) long: the position of each branch's last token (K = the most branches of any
+            group; 0 past a group's own);
         num_tokens: real tokens in the batch.
 
     >>> b = collate_branches([([1, 2], [[3, 4], [5]])], pad_id=0)
@@ -216,11 +217,11 @@ def collate_branches(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int
     """
     if not groups:
         raise ValueError("collate_branches needs at least one group")
-    k = len(groups[0][1])
+    k = max(len(branches) for _, branches in groups)
     rows = []
     for prefix, branches in groups:
-        if not prefix or len(branches) != k or not all(branches):
-            raise ValueError("every group needs a non-empty prefix and the same number of non-empty branches")
+        if not prefix or not branches or not all(branches):
+            raise ValueError("every group needs a non-empty prefix and at least one branch, none empty")
         ids, pos, br, last = list(prefix), list(range(len(prefix))), [0] * len(prefix), []
         prev = [max(t - 1, 0) for t in range(len(prefix))]
         for j, branch in enumerate(branches, start=1):
@@ -253,6 +254,6 @@ def collate_branches(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int
         "attention_mask": mask[:, None],
         "branch": branch,
         "prev": prev,
-        "last": torch.tensor([r[4] for r in rows], dtype=torch.long),
+        "last": torch.tensor([r[4] + [0] * (k - len(r[4])) for r in rows], dtype=torch.long),
         "num_tokens": sum(len(r[0]) for r in rows),
     }

@@ -51,6 +51,23 @@ def build_policy(cfg: Config, dropout: float | None = None):
     return LogprobModel(lm), tok
 
 
+def share_prompt(cfg: Config, lm, what: str) -> bool:
+    """Whether rows that share a prompt go into one branched row (`data.share_prompt`), logged."""
+    from chatforge.errors import ConfigError
+    from chatforge.models.logprobs import branches_supported
+
+    mode = cfg.data.share_prompt
+    branched = mode != "off" and branches_supported(lm)
+    if mode == "on" and not branched:
+        raise ConfigError(
+            "data.share_prompt=on, but this model does not compute a shared-prompt row exactly like "
+            "separate rows (no 4D attention mask support, position biases of its own, or virtual "
+            "tokens); use data.share_prompt=auto or off"
+        )
+    log(f"{what}: {'prompt shared, one row per prompt' if branched else 'one row each'} (data.share_prompt={mode})")
+    return branched
+
+
 def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """Hold out a deterministic `fraction` of items for evaluation."""
     if not fraction:

@@ -160,21 +160,9 @@ def check_dpo_config(dcfg) -> None:
 def pair_collate(cfg: Config, lm, pad_id: int):
     """`collate_pairs` in the layout `data.share_prompt` asks for, with the choice logged."""
     from chatforge.data.preference import collate_pairs
-    from chatforge.errors import ConfigError
-    from chatforge.models.logprobs import branches_supported
-    from chatforge.train.common import log
+    from chatforge.train.common import share_prompt
 
-    mode = cfg.data.share_prompt
-    branched = mode != "off" and branches_supported(lm)
-    if mode == "on" and not branched:
-        raise ConfigError(
-            "data.share_prompt=on, but this model does not compute a shared-prompt row exactly like "
-            "separate rows (no 4D attention mask support, position biases of its own, or virtual "
-            "tokens); use data.share_prompt=auto or off"
-        )
-    how = "one row per pair, prompt shared" if branched else "chosen and rejected rows"
-    log(f"pair batches: {how} (data.share_prompt={mode})")
-    return partial(collate_pairs, pad_id=pad_id, branched=branched)
+    return partial(collate_pairs, pad_id=pad_id, branched=share_prompt(cfg, lm, "pair batches"))
 
 
 def load_pairs(cfg: Config, tokenizer):

@@ -66,9 +66,8 @@ def grpo_loss(model, batch, normalizer, clip_eps: float, beta: float, reduction:
     from chatforge.losses.policy import ppo_policy_loss
     from chatforge.losses.reduce import masked_mean, masked_reduce
 
-    logps, _ = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["target_mask"])
     rmask = batch["response_mask"]
-    logp = logps[:, -rmask.shape[1] :]
+    logp = response_logps(model, batch)
     old = batch.get("old_logp")
     old = logp.detach() if old is None else old
     loss, metrics = ppo_policy_loss(logp, old, batch["advantages"], rmask, clip_eps, reduction, normalizer)
@@ -77,6 +76,17 @@ def grpo_loss(model, batch, normalizer, clip_eps: float, beta: float, reduction:
         loss = loss + beta * masked_reduce(kl, rmask, reduction, normalizer)
         metrics["kl"] = masked_mean(kl.detach(), rmask)
     return loss, metrics
+
+
+def response_logps(model, batch):
+    """Log-probs (b, R) of each completion's response tokens (0 past its end), from one forward of
+    the micro-batch: prompt+response rows, or branched rows (a prompt once, its answers after it)."""
+    ids, mask, pos, target = (batch[k] for k in ("input_ids", "attention_mask", "position_ids", "target_mask"))
+    if "prev" in batch:
+        logps, _ = model(ids, mask, pos, target, prev=batch["prev"])
+        return logps[batch["response_row"][:, None], batch["response_col"]]
+    logps, _ = model(ids, mask, pos, target)
+    return logps[:, -batch["response_mask"].shape[1] :]
 
 
 def grpo_units(batch, reduction: str = "token") -> int:
@@ -99,13 +109,46 @@ def sequence_logprobs(model, micro_batches, ctx=None) -> list:
     out = []
     with torch.no_grad(), ctx or contextlib.nullcontext():
         for b in micro_batches:
-            logps, _ = model(b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"])
-            out.append(logps[:, -b["response_mask"].shape[1] :].float())
+            out.append(response_logps(model, b).float())
     return out
 
 
-def micro_batches(gen, advantages, size: int, device) -> list[dict]:
-    """Split a step's completions into training micro-batches of `size` (prompt+response rows)."""
+def branched_inputs(gen, sl: slice, width: int) -> dict | None:
+    """Rows `sl` of a rollout as branched rows: each run of completions with the same prompt becomes
+    one row, the prompt once and the responses after it (`collate_branches`), plus where each
+    completion's response tokens sit: `response_row` (b,), `response_col` (b, width) into the
+    (G, T-1) log-probs. None when a response is empty (such a micro-batch keeps plain rows)."""
+    import torch
+
+    from chatforge.data.collate import collate_branches
+
+    prompts = [ids[m.bool()].tolist() for ids, m in zip(gen.prompt_ids[sl], gen.prompt_mask[sl])]
+    lengths = gen.response_mask[sl].sum(1).tolist()
+    if not all(lengths):
+        return None
+    groups, row_of, starts = [], [], []
+    for prompt, ids, n in zip(prompts, gen.response_ids[sl], lengths):
+        if not groups or groups[-1][0] != prompt:
+            groups.append((prompt, []))
+            at = len(prompt)
+        groups[-1][1].append(ids[:n].tolist())
+        row_of.append(len(groups) - 1)
+        starts.append(at)
+        at += n
+    batch = collate_branches(groups, pad_id=0)
+    cols = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, (start, n) in enumerate(zip(starts, lengths)):
+        cols[i, :n] = torch.arange(start - 1, start - 1 + n)  # log-probs[t] are those of token t+1
+    batch.pop("last")
+    batch["target_mask"] = batch["branch"] > 0
+    batch["response_row"] = torch.tensor(row_of)
+    batch["response_col"] = cols
+    return batch
+
+
+def micro_batches(gen, advantages, size: int, device, branched: bool = False) -> list[dict]:
+    """Split a step's completions into training micro-batches of `size` completions: prompt+response
+    rows, or with `branched` one row per prompt (`branched_inputs`)."""
     import torch
 
     from chatforge.rl.generate import sequence_inputs
@@ -116,19 +159,20 @@ def micro_batches(gen, advantages, size: int, device) -> list[dict]:
     for s in range(0, ids.shape[0], size):
         sl = slice(s, s + size)
         rmask = gen.response_mask[sl]
-        # drop columns that are padding in every row: prompt pads on the left, response pads on the right
-        lo = int(gen.prompt_mask[sl].argmax(1).min())
         width = max(int(rmask.sum(1).max()), 1)
-        cols = slice(lo, gen.prompt_ids.shape[1] + width)
-        batch = {
-            "input_ids": ids[sl, cols],
-            "attention_mask": mask[sl, cols],
-            "position_ids": positions[sl, cols],
-            "target_mask": target[sl, cols],
-            "response_mask": rmask[:, :width],
-            "advantages": advantages[sl, None],
-            "num_tokens": int(mask[sl].sum()),
-        }
+        batch = branched_inputs(gen, sl, width) if branched else None
+        if batch is None:
+            # drop columns that are padding in every row: prompt pads on the left, response pads on the right
+            lo = int(gen.prompt_mask[sl].argmax(1).min())
+            cols = slice(lo, gen.prompt_ids.shape[1] + width)
+            batch = {
+                "input_ids": ids[sl, cols],
+                "attention_mask": mask[sl, cols],
+                "position_ids": positions[sl, cols],
+                "target_mask": target[sl, cols],
+                "num_tokens": int(mask[sl].sum()),
+            }
+        batch.update(response_mask=rmask[:, :width], advantages=advantages[sl, None])
         out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
     return out
 
@@ -179,7 +223,7 @@ def run(cfg: Config) -> str:
     from chatforge.errors import ConfigError
     from chatforge.models.heads import disable_dropout
     from chatforge.models.load import load_tokenizer, pick_device
-    from chatforge.train.common import build_policy, log, save_lm, start_run
+    from chatforge.train.common import build_policy, log, save_lm, share_prompt, start_run
     from chatforge.train.loop import Trainer, _rng_state, _set_rng_state, _truncate_metrics
 
     g, gen_cfg = cfg.grpo, cfg.generate
@@ -208,6 +252,7 @@ def run(cfg: Config) -> str:
         "reference: "
         + ("none (grpo.beta=0)" if g.beta == 0 else "frozen copy" if ref is not None else "adapter disabled")
     )
+    branched = share_prompt(cfg, policy.lm, "learning batches")
     steps = total_steps(cfg, len(items), int(os.environ.get("WORLD_SIZE", "1")))
     trainer = Trainer(policy, cfg.train, steps * g.epochs_per_step)
     start = 0
@@ -228,7 +273,7 @@ def run(cfg: Config) -> str:
             group = [p for p in batch for _ in range(g.num_generations)]  # a prompt's answers adjacent
             gen, rewards_t, parts, adv, times = rollout(model.lm, tok, group, scorer, cfg)
             t2 = time.perf_counter()
-            learned, first_ratio = learn(trainer, model, ref, gen, adv, cfg, bar)
+            learned, first_ratio = learn(trainer, model, ref, gen, adv, cfg, bar, branched)
             times["time/learn"] = round(time.perf_counter() - t2, 3)
             lengths = gen.response_mask.sum(1).float()
             metrics = {
@@ -311,7 +356,7 @@ def rollout(lm, tok, group, scorer: Scorer, cfg: Config):
     return gen, rewards_t, parts, adv, times
 
 
-def learn(trainer, model, ref, gen, adv, cfg: Config, bar) -> tuple[dict, float]:
+def learn(trainer, model, ref, gen, adv, cfg: Config, bar, branched: bool = False) -> tuple[dict, float]:
     """grpo.epochs_per_step optimizer steps on one rollout; returns (last step's metrics, first ratio).
 
     Reference log-probs (beta > 0) and, with several epochs, the rollout policy's log-probs are taken
@@ -320,7 +365,7 @@ def learn(trainer, model, ref, gen, adv, cfg: Config, bar) -> tuple[dict, float]
     g, reduction = cfg.grpo, cfg.train.loss_reduction
     loss_fn = partial(grpo_loss, clip_eps=g.clip_eps, beta=g.beta, reduction=reduction)
     units_fn = partial(grpo_units, reduction=reduction)
-    micro = micro_batches(gen, adv, cfg.train.batch_size, trainer.acc.device)
+    micro = micro_batches(gen, adv, cfg.train.batch_size, trainer.acc.device, branched)
     if g.beta:
         ctx, ref_model = reference_context(model, ref)
         with trainer.acc.autocast():
