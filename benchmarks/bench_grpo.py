@@ -130,6 +130,8 @@ def main() -> None:
         f"SmolLM2-135M-Instruct bf16, LoRA r16 on q,k,v,o, 1 prompt x {GROUP} completions of <= {NEW_TOKENS} "
         f"tokens per step, beta {BETA} (k3, adapter-disabled reference), {args.steps} steps (median over steps "
         f"after the first {args.warmup}), built-in task prompts, numeric-answer reward, no gradient checkpointing.",
+        "chatforge learns on one row per prompt (the prompt once, its answers after it, each seeing the prompt "
+        "and itself: `data.share_prompt=auto`); TRL on one prompt + answer row per completion.",
         "",
         *rows,
     ]

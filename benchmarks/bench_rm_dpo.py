@@ -128,6 +128,23 @@ def pair_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def token_lengths(records: list[dict]) -> tuple[float, float]:
+    """Mean prompt and mean response tokens of the pairs (chat template applied), as chatforge counts."""
+    from chatforge.data.formats import to_preference
+    from chatforge.data.preference import tokenize_pair
+    from chatforge.data.templates import ensure_chat_template
+    from chatforge.models.load import load_tokenizer, resolve_model_path
+
+    tok = load_tokenizer(resolve_model_path("default"))
+    ensure_chat_template(tok)
+    prompt = response = 0
+    for i, r in enumerate(records):
+        ex, _ = tokenize_pair(tok, to_preference(r, f"record {i}"), MAX_LEN)
+        prompt += ex["prompt_len"]
+        response += (len(ex["chosen_ids"]) + len(ex["rejected_ids"])) / 2 - ex["prompt_len"]
+    return prompt / len(records), response / len(records)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
@@ -138,6 +155,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-rm-dpo-"))
     records = pair_records(args.pairs + 8)
+    prompt_len, response_len = token_lengths(records[: args.pairs])
     data = write_jsonl(records[: args.pairs], work / "pairs.jsonl")
     eval_data = write_jsonl(records[args.pairs :], work / "eval.jsonl")
     fmt = dict(
@@ -174,7 +192,11 @@ def main() -> None:
         f"Command: `{command_line()}` on {machine()}.",
         f"SmolLM2-135M-Instruct bf16, LoRA r16 on q,k,v,o, batch {BATCH} pairs, max length {MAX_LEN}, "
         f"{args.steps} steps (median step time over the steps after the first {args.warmup}), "
-        f"{args.pairs} conversational preference pairs.",
+        f"{args.pairs} conversational preference pairs: prompts of {prompt_len:.0f} tokens on average, "
+        f"responses of {response_len:.1f}.",
+        "chatforge puts each pair in one row, the prompt once and both responses after it, each seeing the "
+        "prompt and itself (`data.share_prompt=auto`); TRL runs a chosen row and a rejected row per pair. "
+        "Real tokens are the tokens each side runs through the model: the prompt once for chatforge, twice for TRL.",
         "",
         *rows,
     ]
