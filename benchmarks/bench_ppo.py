@@ -7,11 +7,12 @@ and rollout generation against bare transformers `generate`.
 Every run: SmolLM2-135M-Instruct (the embedded default) in bf16, LoRA r16/alpha 32 on q,k,v,o, a
 reward model that is a LoRA of the same base (made here with random weights: only its cost
 matters), a rollout of 8 built-in task prompts x 1 answer of at most 48 new tokens, one PPO epoch
-of one minibatch (= the rollout) per step, no gradient checkpointing.
+of one minibatch (= the rollout) per step; each run without, then with gradient checkpointing.
 
 1. PPO step, `ppo.layout=auto` (one base: actor/critic/ref/reward adapters) against
    `ppo.layout=separate` (actor, critic, reference and reward as four models): peak RSS of the
-   child process and the median step time (generate + score + experience + learn) after warm-up.
+   child process (and that peak minus the RSS once torch, transformers and peft are imported) and
+   the median step time (generate + score + experience + learn) after warm-up.
    Goal: lean peak <= 0.5x four models. Also the lean layout with `ppo.critic=head` (a value head
    on the actor instead of a critic adapter: no critic forward or backward).
 2. An SFT LoRA step at the same batch (8 sequences of the same prompt + 48-token answers): peak
@@ -50,7 +51,7 @@ COMMON = """
     "model.path={model}", "model.dtype=bfloat16", "data.max_length=512", "peft.method=lora", "peft.r=16",
     "peft.alpha=32", "peft.target_modules=[q_proj,k_proj,v_proj,o_proj]", "train.lr={lr}",
     "train.warmup_ratio=0", "train.max_steps={steps}", "train.progress=false", "train.save_every=0",
-    "train.output_dir={out}", "train.batch_size={rollout}",
+    "train.output_dir={out}", "train.batch_size={rollout}", "model.gradient_checkpointing={gc}",
 """
 
 MAKE_RM = """
@@ -183,28 +184,35 @@ def main() -> None:
         return template.replace("COMMON", COMMON).format(**{**fmt, **kw})
 
     run_child(MAKE_RM.format(**fmt), python=PY)
-    results = {
-        "PPO lean (one base, 4 roles as adapters)": run_child(
-            code(PPO, layout="auto", critic="adapter", out=work / "lean"), python=PY
-        ),
-        "PPO four separate models": run_child(
-            code(PPO, layout="separate", critic="adapter", out=work / "sep"), python=PY
-        ),
-        "PPO lean, value head on the actor (ppo.critic=head)": run_child(
-            code(PPO, layout="auto", critic="head", out=work / "head"), python=PY
-        ),
-        "SFT LoRA step, same batch": run_child(code(SFT, out=work / "sft"), python=PY),
+    runs = {
+        "PPO lean (one base, 4 roles as adapters)": (PPO, dict(layout="auto", critic="adapter")),
+        "PPO four separate models": (PPO, dict(layout="separate", critic="adapter")),
+        "PPO lean, value head on the actor (ppo.critic=head)": (PPO, dict(layout="auto", critic="head")),
+        "SFT LoRA step, same batch": (SFT, {}),
     }
-    gen = run_child(code(GENERATE, out=work / "gen"), python=PY)
+    results = {}
+    for gc in (False, True):
+        for i, (name, (template, kw)) in enumerate(runs.items()):
+            if gc and i == 0:
+                continue  # the critic-adapter layout: once, without
+            label = name + (" + grad ckpt" if gc else "")
+            results[label] = run_child(code(template, gc=gc, out=work / f"run{int(gc)}{i}", **kw), python=PY)
+    gen = run_child(code(GENERATE, gc=False, out=work / "gen"), python=PY)
     print(json.dumps({**results, "generation": gen}, indent=1))
     if args.no_write:
         return
-    lean, sep, head, sft = results.values()
+    lean, sep, head, sft, sep_gc, head_gc, sft_gc = results.values()
+
+    def ratio(a: dict, b: dict) -> str:
+        above = (a["peak_rss_gib"] - a["start_rss_gib"]) / (b["peak_rss_gib"] - b["start_rss_gib"])
+        return f"{a['peak_rss_gib'] / b['peak_rss_gib']:.2f}x peak ({above:.2f}x above start)"
+
     rows = [
-        "| run | s/step | learn s/step | peak RSS (GiB) |",
-        "|---|---|---|---|",
+        "| run | s/step | learn s/step | peak RSS (GiB) | above start (GiB) |",
+        "|---|---|---|---|---|",
         *(
-            f"| {k} | {v['step_s']:.2f} | {v['learn_s']:.2f} | {v['peak_rss_gib']:.2f} |"
+            f"| {k} | {v['step_s']:.2f} | {v['learn_s']:.2f} | {v['peak_rss_gib']:.2f} | "
+            f"{v['peak_rss_gib'] - v['start_rss_gib']:.2f} |"
             for k, v in results.items()
         ),
     ]
@@ -214,15 +222,17 @@ def main() -> None:
         f"Command: `{command_line()}` on {machine()}.",
         f"SmolLM2-135M-Instruct bf16, LoRA r16 on q,k,v,o, reward model = a LoRA of the same base, rollout of "
         f"{ROLLOUT} prompts x <= {NEW_TOKENS} new tokens, 1 epoch x 1 minibatch per step, {args.steps} steps "
-        f"(median after the first {args.warmup}). s/step for PPO = generate + score + experience + learn.",
+        f"(median after the first {args.warmup}). s/step for PPO = generate + score + experience + learn. "
+        "Above start = peak RSS minus the child's RSS once torch, transformers and peft are imported "
+        f"(the {lean['start_rss_gib']:.2f} GiB of interpreter and libraries every run carries, whatever its layout).",
         "",
         *rows,
         "",
-        f"Lean/four models peak: {lean['peak_rss_gib'] / sep['peak_rss_gib']:.2f}x (goal <= 0.5x); "
-        f"lean PPO/SFT peak: {lean['peak_rss_gib'] / sft['peak_rss_gib']:.2f}x (goal <= 1.3x). "
-        f"With ppo.critic=head: {head['peak_rss_gib'] / sep['peak_rss_gib']:.2f}x four models, "
-        f"{head['peak_rss_gib'] / sft['peak_rss_gib']:.2f}x SFT, step {lean['step_s'] / head['step_s']:.2f}x faster "
-        "than the lean layout with a critic adapter.",
+        f"Lean/four models: {ratio(lean, sep)}; lean PPO/SFT: {ratio(lean, sft)} (goals <= 0.5x and <= 1.3x).",
+        f"With ppo.critic=head: {ratio(head, sep)} of four models, {ratio(head, sft)} of SFT; step "
+        f"{lean['step_s'] / head['step_s']:.2f}x faster than the lean layout with a critic adapter.",
+        f"With gradient checkpointing (every run's activations a small part): head critic / four models "
+        f"{ratio(head_gc, sep_gc)}; / SFT {ratio(head_gc, sft_gc)}.",
         "",
         f"Rollout generation at batch {ROLLOUT}: chatforge {gen['chatforge_tok_s']:.1f} tok/s (actor adapter on), "
         f"bare transformers generate {gen['transformers_tok_s']:.1f} tok/s (base model): "

@@ -50,11 +50,16 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
 
 
 def run_child(code: str, env: dict | None = None, python: str = BENCH_PY) -> dict:
-    """Run `code` in a fresh interpreter; it must print one JSON line last. Adds peak_rss_gib."""
+    """Run `code` in a fresh interpreter; it must print one JSON line last.
+
+    Adds peak_rss_gib (the child's maximum resident set size) and start_rss_gib: its resident size
+    once torch, transformers and peft are imported, before the code runs (the interpreter and
+    libraries every side pays; peak - start is what the run itself added)."""
     wrapper = (
-        code
-        + "\nimport resource as _r, json as _j\n"
-        + "print('PEAK', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
+        "import resource as _r, torch, transformers, peft\n"
+        + "print('START', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
+        + code
+        + "\nprint('PEAK', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
     )
     t0 = time.time()
     proc = subprocess.run(
@@ -63,9 +68,10 @@ def run_child(code: str, env: dict | None = None, python: str = BENCH_PY) -> dic
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
     lines = proc.stdout.strip().splitlines()
-    peak_kib = int(next(ln for ln in reversed(lines) if ln.startswith("PEAK")).split()[1])
+    kib = {key: int(next(ln for ln in lines if ln.startswith(key)).split()[1]) for key in ("START", "PEAK")}
     result = json.loads(next(ln for ln in reversed(lines) if ln.startswith("{")))
-    result["peak_rss_gib"] = round(peak_kib / 2**20, 2)
+    result["peak_rss_gib"] = round(kib["PEAK"] / 2**20, 2)
+    result["start_rss_gib"] = round(kib["START"] / 2**20, 2)
     result["wall_s"] = round(time.time() - t0, 1)
     return result
 
