@@ -48,3 +48,22 @@ def test_frozen_head_gets_contiguous_inputs(tokenizer):
     generate(lm, tokenizer, prompts, max_new_tokens=3, greedy=True)
     assert seen and all(seen)
     assert not lm.get_output_embeddings()._forward_pre_hooks  # removed again after generating
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_entries():
+    from chatforge.rl.generate import inverse_cdf_multinomial, one_uniform_per_draw
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.0, 0.5, 0.0, 0.25, 0.15]) * 3  # unnormalised, as transformers may pass
+    n = 40000
+    draws = inverse_cdf_multinomial(probs.expand(n, 6)).view(-1)
+    freq = torch.bincount(draws, minlength=6).double() / n
+    p = probs.double() / probs.sum()
+    assert freq[1] == freq[3] == 0
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-12).all(), freq
+    original = torch.multinomial
+    with one_uniform_per_draw():
+        assert torch.multinomial is not original
+        assert torch.multinomial(probs[None], 1).shape == (1, 1)
+        assert torch.multinomial(probs, 2).shape == (2,)  # other calls go to torch's own
+    assert torch.multinomial is original

@@ -87,6 +87,42 @@ def contiguous_head_input(lm):
         hook.remove()
 
 
+def inverse_cdf_multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of `probs` (B, V) (unnormalised, non-negative): (B, 1) indices.
+
+    Inverse transform sampling: one uniform number per row against the row's running sum, where
+    `torch.multinomial` draws an exponential for every entry of the vocabulary (on CPU that was 14%
+    of a batch-8 decode of SmolLM2: 10.6 ms per step for 8 x 49k). The same distribution; entries of
+    probability 0 (cut by top-k / top-p) are never drawn.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> draws = inverse_cdf_multinomial(torch.tensor([[0.0, 1.0, 0.0, 3.0]]).expand(4000, 4), g)
+    >>> sorted(set(draws.view(-1).tolist())), round(float((draws == 3).float().mean()), 1)
+    ([1, 3], 0.8)
+    """
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+
+
+@contextlib.contextmanager
+def one_uniform_per_draw():
+    """While active, `torch.multinomial(probs, 1)` on a (B, V) tensor (what transformers' sampler
+    calls each decoding step) draws by `inverse_cdf_multinomial`; other calls are unchanged."""
+    original = torch.multinomial
+
+    def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):  # noqa: A002
+        if num_samples == 1 and input.dim() == 2 and out is None:
+            return inverse_cdf_multinomial(input, generator)
+        return original(input, num_samples, replacement, generator=generator, out=out)
+
+    torch.multinomial = multinomial
+    try:
+        yield
+    finally:
+        torch.multinomial = original
+
+
 @torch.no_grad()
 def generate(
     lm,
@@ -110,7 +146,7 @@ def generate(
     n_tokens = 0
     step = batch_size or len(prompts)
     try:
-        with contiguous_head_input(lm):
+        with contiguous_head_input(lm), one_uniform_per_draw():
             for s in range(0, len(prompts), step):
                 ids, mask = left_pad(prompts[s : s + step], pad_id, device)
                 kw = (
