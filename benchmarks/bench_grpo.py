@@ -42,7 +42,8 @@ step_s = [r["time/generate"] + r["time/score"] + r["time/learn"] for r in rows i
 gen_s = [r["time/generate"] for r in rows if r["step"] > {warmup}]
 print(json.dumps({{"step_s": statistics.median(step_s), "generate_s": statistics.median(gen_s),
                   "samples_per_s": {group} / statistics.median(step_s),
-                  "reward_last": rows[-1]["reward"], "response_length": rows[-1]["response_length"]}}))
+                  "reward_last": rows[-1]["reward"],
+                  "response_length": statistics.mean(r["response_length"] for r in rows if r["step"] > {warmup})}}))
 """
 
 TRL = """
@@ -78,7 +79,9 @@ trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=
                       peft_config=lora, callbacks=[Clock()])
 trainer.train()
 step_s = statistics.median(counted[{warmup}:])
-print(json.dumps({{"step_s": step_s, "samples_per_s": {group} / step_s}}))
+lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
+print(json.dumps({{"step_s": step_s, "samples_per_s": {group} / step_s,
+                  "response_length": statistics.mean(lengths[{warmup}:]) if lengths[{warmup}:] else float("nan")}}))
 """
 
 
@@ -116,10 +119,11 @@ def main() -> None:
     if args.no_write:
         return
     rows = [
-        "| run | s/step | samples/s | peak RSS (GiB) | wall (s) |",
-        "|---|---|---|---|---|",
+        "| run | s/step | samples/s | answer tokens (mean) | peak RSS (GiB) | wall (s) |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| {k} | {v['step_s']:.2f} | {v['samples_per_s']:.2f} | {v['peak_rss_gib']:.2f} | {v['wall_s']:.0f} |"
+            f"| {k} | {v['step_s']:.2f} | {v['samples_per_s']:.2f} | {v['response_length']:.1f} | "
+            f"{v['peak_rss_gib']:.2f} | {v['wall_s']:.0f} |"
             for k, v in results.items()
         ),
     ]
@@ -142,6 +146,10 @@ def main() -> None:
             "",
             f"chatforge/TRL: {cf['samples_per_s'] / trl['samples_per_s']:.2f}x samples/s at "
             f"{cf['peak_rss_gib'] / trl['peak_rss_gib']:.2f}x peak memory (goal: >= 2x samples/s).",
+            "",
+            f"Answers end at the end-of-turn token, so a step's time follows the sampled lengths (answer tokens "
+            f"above). chatforge's step: generate {cf['generate_s']:.2f} s (the LoRA folded into a copy of the "
+            f"weights, one uniform draw per token), score + learn the rest.",
         ]
     write_section("grpo", "\n".join(body))
 
