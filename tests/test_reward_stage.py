@@ -125,6 +125,51 @@ def test_score_cli_prints_and_writes_jsonl(trained, jsonl, capsys, tmp_path):
     assert written[2]["chosen_score"] > written[2]["rejected_score"]
 
 
+def test_export_rm_loads_as_a_transformers_sequence_classifier(trained, tmp_path, capsys):
+    """AutoModelForSequenceClassification on the export gives chatforge's scores minus the head's
+    bias, with right padding by the exported tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from chatforge.data.collate import pad_batch
+    from chatforge.data.templates import tokenize_prompt_response
+    from chatforge.reward import load_reward_model, score_texts
+
+    final, _, held = trained
+    out = tmp_path / "seqcls"
+    assert main(["export-rm", str(final), str(out)]) == 0
+    assert "sequence classifier written" in capsys.readouterr().out
+    model, tok, meta = load_reward_model(final, device="cpu")
+    records = [json.loads(line) for line in held.read_text().splitlines()]
+    prompts, responses = [r["prompt"] for r in records], [r["chosen"] for r in records]
+    ours = torch.tensor(score_texts(model, tok, prompts, responses))
+    seq = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    seq_tok = AutoTokenizer.from_pretrained(out)
+    rows = [
+        {"input_ids": tokenize_prompt_response(seq_tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": r}], 512)[0]}
+        for p, r in zip(prompts, responses)
+    ]
+    batch = pad_batch(rows, pad_id=seq_tok.pad_token_id)
+    with torch.no_grad():
+        theirs = seq(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    saved = json.loads((out / "chatforge_reward.json").read_text())
+    torch.testing.assert_close(theirs, ours - saved["score_bias_dropped"], atol=1e-4, rtol=1e-4)
+    assert saved["reward_mean"] == pytest.approx(meta["reward_mean"] - saved["score_bias_dropped"])
+
+
+def test_export_pads_with_a_token_that_does_not_end_responses(tokenizer):
+    import copy
+
+    from chatforge.reward import spare_pad_token
+
+    assert spare_pad_token(tokenizer) == tokenizer.pad_token_id  # <|pad|>: ends nothing
+    same_as_eos = copy.deepcopy(tokenizer)
+    same_as_eos.pad_token = same_as_eos.eos_token  # as SmolLM2 ships: pad = <|im_end|>
+    pad = spare_pad_token(same_as_eos)
+    assert pad not in (same_as_eos.eos_token_id, same_as_eos.convert_tokens_to_ids("<|im_start|>"))
+    assert same_as_eos.convert_ids_to_tokens(pad) in ("<|endoftext|>", "<|pad|>")
+
+
 def test_score_cli_bad_record_names_file_and_line(trained, jsonl, capsys):
     final, _, _ = trained
     data = jsonl([{"prompt": "hi", "response": "yes"}, {"prompt": "hi"}])

@@ -58,6 +58,10 @@ TOOLS = {
         "chatforge.tools:merge_main",
     ),
     "score": ("score (prompt, response) records with a reward model", "chatforge.tools:score_main"),
+    "export-rm": (
+        "write a reward model as a transformers AutoModelForSequenceClassification dir: export-rm RM_DIR OUT_DIR",
+        "chatforge.tools:export_rm_main",
+    ),
     "eval": ("accuracy, reward and perplexity of a model", "chatforge.evaluate:main"),
     "chat": ("chat with a model in the terminal", "chatforge.serve.chat:main"),
     "serve": ("OpenAI-compatible HTTP server", "chatforge.serve.server:main"),

@@ -82,3 +82,76 @@ def score_texts(
             out = model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             scores += out.float().cpu().tolist()
     return scores
+
+
+def spare_pad_token(tokenizer) -> int:
+    """A pad id for a sequence-classification export: the tokenizer's own unless it is an end-of-turn
+    token (transformers reads the score at the rightmost token that is not the pad, so a pad equal
+    to the token that ends every response would move the read one token back); then the first
+    special token that neither stops generation nor appears in a rendered chat."""
+    from chatforge.data.templates import ensure_chat_template, stop_token_ids
+    from chatforge.errors import ChatforgeError
+
+    ensure_chat_template(tokenizer)
+    taken = set(stop_token_ids(tokenizer)) | {tokenizer.eos_token_id}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in taken:
+        return tokenizer.pad_token_id
+    chat = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
+    taken |= set(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    special = sorted(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    for token_id in special + list(tokenizer.all_special_ids):
+        if token_id not in taken:
+            return token_id
+    raise ChatforgeError(
+        "no special token is free to pad with (the pad token ends every response); "
+        "this tokenizer cannot be exported as a sequence classifier without a new token"
+    )
+
+
+def export_sequence_classifier(model_dir: str | Path, out_dir: str | Path, dtype=None) -> Path:
+    """Write a reward model as a transformers `AutoModelForSequenceClassification` dir (num_labels=1).
+
+    The LoRA is folded into the base; `score.weight` is chatforge's head weight. That head's bias
+    has no place in transformers' `score` layer (bias-free): it shifts every score by the same
+    constant, so preferences are unchanged; `chatforge_reward.json` keeps it and the saved reward
+    mean/std shifted to match (normalised scores are identical). Returns the output dir.
+    """
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from chatforge.errors import ChatforgeError
+
+    model, tok, meta = load_reward_model(model_dir, device="cpu", dtype=dtype or torch.float32)
+    lm = model.lm.merge_and_unload() if hasattr(model.lm, "merge_and_unload") else model.lm
+    config = lm.config
+    config.num_labels = 1
+    config.pad_token_id = spare_pad_token(tok)
+    tok.pad_token = tok.convert_ids_to_tokens(config.pad_token_id)
+    try:
+        seq = AutoModelForSequenceClassification.from_config(config, dtype=lm.dtype)
+    except ValueError as e:
+        raise ChatforgeError(f"{config.model_type}: transformers has no sequence-classification class ({e})") from e
+    config.architectures = [type(seq).__name__]
+    state = {k: v for k, v in lm.state_dict().items() if k in seq.state_dict()}
+    missing = set(seq.state_dict()) - set(state)
+    if missing != {"score.weight"}:
+        raise ChatforgeError(f"{config.model_type}: cannot map the backbone onto {type(seq).__name__} ({sorted(missing)[:3]})")
+    with torch.no_grad():
+        seq.load_state_dict(state, strict=False)
+        seq.score.weight.copy_(model.head.weight.to(seq.score.weight.dtype))
+    bias = float(model.head.bias.detach()) if model.head.bias is not None else 0.0
+    out = Path(out_dir)
+    seq.save_pretrained(out)
+    tok.save_pretrained(out)
+    shifted = {**meta, "score_bias_dropped": bias}
+    for key in ("reward_mean", "chosen_mean", "rejected_mean"):
+        if key in meta:
+            shifted[key] = meta[key] - bias
+    (out / "chatforge_reward.json").write_text(json.dumps(shifted, indent=1))
+    return out

@@ -22,6 +22,25 @@ def merge_main(argv: list[str]) -> int:
     return 0
 
 
+def export_rm_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="chatforge export-rm",
+        description="Write a chatforge reward model as a transformers AutoModelForSequenceClassification "
+        "dir (LoRA folded in, num_labels=1), loadable by other tools.",
+    )
+    p.add_argument("rm_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    import torch
+
+    from chatforge.reward import export_sequence_classifier
+
+    out = export_sequence_classifier(args.rm_dir, args.out_dir, dtype=getattr(torch, args.dtype))
+    print(f"sequence classifier written to {out} (AutoModelForSequenceClassification.from_pretrained)")
+    return 0
+
+
 def data_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="chatforge data", description="Write built-in verifiable task data as JSONL."

@@ -19,7 +19,8 @@ Output, OUTPUT/final/ (see README "Reward model format"):
                              normalises rewards with them.
 It loads back with `chatforge.reward.load_reward_model(dir)`. The layout is not
 AutoModelForSequenceClassification's (that head has no bias and would clash with the causal-LM
-config the PPO stage reads); other tools read the head from the safetensors file above.
+config the PPO stage reads); `chatforge export-rm` (`reward.export_sequence_classifier`) writes that
+layout for other tools.
 """
 
 from __future__ import annotations
