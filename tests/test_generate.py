@@ -67,3 +67,16 @@ def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_entries():
         assert torch.multinomial(probs[None], 1).shape == (1, 1)
         assert torch.multinomial(probs, 2).shape == (2,)  # other calls go to torch's own
     assert torch.multinomial is original
+
+
+def test_row_seeds_give_each_row_its_own_draws_whatever_the_batch(tokenizer):
+    model = tiny_model("llama", tokenizer, seed=1)
+    prompts = [tokenizer(t)["input_ids"] for t in ("hello", "What is 2 plus 3?", "hi", "The quick brown fox")]
+    seeds = [11, 12, 13, 14]
+    whole = generate(model, tokenizer, prompts, max_new_tokens=8, row_seeds=seeds)
+    torch.manual_seed(123)  # the global RNG plays no part
+    pairs = generate(model, tokenizer, prompts, max_new_tokens=8, row_seeds=seeds, batch_size=2)
+    alone = generate(model, tokenizer, prompts[2:3], max_new_tokens=8, row_seeds=seeds[2:3])
+    assert whole.texts == pairs.texts and alone.texts == whole.texts[2:3]
+    other = generate(model, tokenizer, prompts, max_new_tokens=8, row_seeds=[21, 22, 23, 24])
+    assert other.texts != whole.texts

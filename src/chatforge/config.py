@@ -142,6 +142,12 @@ class GenerateConfig:
     temperature: float = opt(1.0, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling threshold")
     top_k: int = opt(0, "top-k sampling; 0 disables")
+    seed_per_row: bool = opt(
+        False,
+        "GRPO rollouts: each answer's random draws come from train.seed, the step and the answer's "
+        "place in the step's global batch, so the same answers come out whatever "
+        "grpo.generation_batch_size or the number of processes",
+    )
     merge_lora: str = opt(
         "auto",
         "RL rollouts: sample with the LoRA adapter folded into a copy of the weights (1.25x faster "

@@ -8,6 +8,7 @@ agree exactly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -87,13 +88,13 @@ def contiguous_head_input(lm):
         hook.remove()
 
 
-def inverse_cdf_multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def inverse_cdf_multinomial(probs: torch.Tensor, generator=None, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of `probs` (B, V) (unnormalised, non-negative): (B, 1) indices.
 
     Inverse transform sampling: one uniform number per row against the row's running sum, where
     `torch.multinomial` draws an exponential for every entry of the vocabulary (on CPU that was 14%
     of a batch-8 decode of SmolLM2: 10.6 ms per step for 8 x 49k). The same distribution; entries of
-    probability 0 (cut by top-k / top-p) are never drawn.
+    probability 0 (cut by top-k / top-p) are never drawn. `uniform` (B, 1) gives the numbers instead.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> draws = inverse_cdf_multinomial(torch.tensor([[0.0, 1.0, 0.0, 3.0]]).expand(4000, 4), g)
@@ -101,18 +102,33 @@ def inverse_cdf_multinomial(probs: torch.Tensor, generator: torch.Generator | No
     ([1, 3], 0.8)
     """
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+    if uniform is None:
+        uniform = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    return torch.searchsorted(cdf, uniform.to(cdf) * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+
+
+def row_uniforms(seeds: list[int], step: int, device=None) -> torch.Tensor:
+    """(B, 1) float64 uniforms, row b's drawn from its own generator seeded by (seeds[b], step): the
+    numbers a row gets do not depend on which other rows share its batch."""
+    out = torch.empty(len(seeds), 1, dtype=torch.float64)
+    for b, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (1 << 63))
+        out[b] = torch.rand(1, dtype=torch.float64, generator=gen)
+    return out.to(device)
 
 
 @contextlib.contextmanager
-def one_uniform_per_draw():
+def one_uniform_per_draw(row_seeds: list[int] | None = None):
     """While active, `torch.multinomial(probs, 1)` on a (B, V) tensor (what transformers' sampler
-    calls each decoding step) draws by `inverse_cdf_multinomial`; other calls are unchanged."""
+    calls once per decoding step) draws by `inverse_cdf_multinomial`; other calls are unchanged.
+    With `row_seeds` (one per row), row b's draw at decoding step t comes from (row_seeds[b], t)."""
     original = torch.multinomial
+    step = itertools.count()
 
     def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):  # noqa: A002
         if num_samples == 1 and input.dim() == 2 and out is None:
+            if row_seeds is not None and len(row_seeds) == input.shape[0]:
+                return inverse_cdf_multinomial(input, uniform=row_uniforms(row_seeds, next(step), input.device))
             return inverse_cdf_multinomial(input, generator)
         return original(input, num_samples, replacement, generator=generator, out=out)
 
@@ -134,8 +150,13 @@ def generate(
     top_k: int = 0,
     greedy: bool = False,
     batch_size: int | None = None,
+    row_seeds: list[int] | None = None,
 ) -> Generated:
-    """Sample one response per prompt (token id lists) with the model's KV cache."""
+    """Sample one response per prompt (token id lists) with the model's KV cache.
+
+    `row_seeds` (one per prompt) makes each response's random draws its own: the same answers
+    whatever `batch_size` or the other prompts in the batch (up to float rounding of the logits).
+    """
     device = next(lm.parameters()).device
     pad_id = tokenizer.pad_token_id
     stops = stop_token_ids(tokenizer)
@@ -146,7 +167,7 @@ def generate(
     n_tokens = 0
     step = batch_size or len(prompts)
     try:
-        with contiguous_head_input(lm), one_uniform_per_draw():
+        with contiguous_head_input(lm):
             for s in range(0, len(prompts), step):
                 ids, mask = left_pad(prompts[s : s + step], pad_id, device)
                 kw = (
@@ -154,15 +175,16 @@ def generate(
                     if greedy
                     else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
                 )
-                out = lm.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stops,
-                    pad_token_id=pad_id,
-                    use_cache=True,
-                    **kw,
-                )
+                with one_uniform_per_draw(None if row_seeds is None else row_seeds[s : s + step]):
+                    out = lm.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=max_new_tokens,
+                        eos_token_id=stops,
+                        pad_token_id=pad_id,
+                        use_cache=True,
+                        **kw,
+                    )
                 resp = out[:, ids.shape[1] :]
                 rmask, stopped = response_mask(resp, stops)
                 resp = resp.masked_fill(rmask == 0, pad_id)

@@ -271,7 +271,11 @@ def run(cfg: Config) -> str:
                 rank * per : (rank + 1) * per
             ]
             group = [p for p in batch for _ in range(g.num_generations)]  # a prompt's answers adjacent
-            gen, rewards_t, parts, adv, times = rollout(model.lm, tok, group, scorer, cfg)
+            seeds = None
+            if gen_cfg.seed_per_row:  # by place in the step's global batch
+                first = rank * len(group)
+                seeds = [(cfg.train.seed * 1_000_003 + step) * 1_000_033 + first + i for i in range(len(group))]
+            gen, rewards_t, parts, adv, times = rollout(model.lm, tok, group, scorer, cfg, seeds)
             t2 = time.perf_counter()
             learned, first_ratio = learn(trainer, model, ref, gen, adv, cfg, bar, branched)
             times["time/learn"] = round(time.perf_counter() - t2, 3)
@@ -323,7 +327,7 @@ def _saved(trainer) -> bool:
     return bool(ckpts) and ckpts[-1].name == f"step-{trainer.step}"
 
 
-def rollout(lm, tok, group, scorer: Scorer, cfg: Config):
+def rollout(lm, tok, group, scorer: Scorer, cfg: Config, row_seeds: list[int] | None = None):
     """Sample one answer per entry of `group` (the prompts, each repeated num_generations times), score them.
 
     Returns (Generated, rewards (B,), per-function reward means, group advantages (B,), timings).
@@ -347,6 +351,7 @@ def rollout(lm, tok, group, scorer: Scorer, cfg: Config):
             gc.top_p,
             gc.top_k,
             batch_size=g.generation_batch_size or None,
+            row_seeds=row_seeds,
         )
     t1 = time.perf_counter()
     rewards, parts = scorer(group, gen.texts)
