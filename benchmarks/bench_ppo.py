@@ -51,7 +51,7 @@ COMMON = """
     "model.path={model}", "model.dtype=bfloat16", "data.max_length=512", "peft.method=lora", "peft.r=16",
     "peft.alpha=32", "peft.target_modules=[q_proj,k_proj,v_proj,o_proj]", "train.lr={lr}",
     "train.warmup_ratio=0", "train.max_steps={steps}", "train.progress=false", "train.save_every=0",
-    "train.output_dir={out}", "train.batch_size={rollout}", "model.gradient_checkpointing={gc}",
+    "train.output_dir={out}", "train.batch_size={micro}", "model.gradient_checkpointing={gc}",
 """
 
 MAKE_RM = """
@@ -163,7 +163,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--model", default="default", help="model dir for a quick smoke run (e.g. a tiny model)")
     p.add_argument("--no-write", action="store_true", help="print results, leave docs/benchmarks.md alone")
+    p.add_argument(
+        "--only", nargs="+", choices=["lean", "four", "head", "sft", "gen"],
+        help="run these only (with --no-write), e.g. on a larger model: --only four head sft",
+    )
+    p.add_argument("--grad-ckpt", choices=["both", "off", "on"], default="both")
+    p.add_argument("--micro-batch", type=int, default=ROLLOUT, help="sequences per forward/backward (train.batch_size)")
     args = p.parse_args()
+    if args.only and not args.no_write:
+        p.error("--only needs --no-write (the docs table wants every run)")
     work = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     prompts = prompt_records(max(64, ROLLOUT * args.steps))
     data = write_jsonl(prompts, work / "prompts.jsonl")
@@ -176,6 +184,7 @@ def main() -> None:
         steps=args.steps,
         warmup=args.warmup,
         rollout=ROLLOUT,
+        micro=args.micro_batch,
         new_tokens=NEW_TOKENS,
         lr=LR,
     )
@@ -185,19 +194,20 @@ def main() -> None:
 
     run_child(MAKE_RM.format(**fmt), python=PY)
     runs = {
-        "PPO lean (one base, 4 roles as adapters)": (PPO, dict(layout="auto", critic="adapter")),
-        "PPO four separate models": (PPO, dict(layout="separate", critic="adapter")),
-        "PPO lean, value head on the actor (ppo.critic=head)": (PPO, dict(layout="auto", critic="head")),
-        "SFT LoRA step, same batch": (SFT, {}),
+        "lean": ("PPO lean (one base, 4 roles as adapters)", PPO, dict(layout="auto", critic="adapter")),
+        "four": ("PPO four separate models", PPO, dict(layout="separate", critic="adapter")),
+        "head": ("PPO lean, value head on the actor (ppo.critic=head)", PPO, dict(layout="auto", critic="head")),
+        "sft": ("SFT LoRA step, same batch", SFT, {}),
     }
+    wanted = set(args.only or [*runs, "gen"])
     results = {}
-    for gc in (False, True):
-        for i, (name, (template, kw)) in enumerate(runs.items()):
-            if gc and i == 0:
+    for gc in {"both": (False, True), "off": (False,), "on": (True,)}[args.grad_ckpt]:
+        for i, (key, (name, template, kw)) in enumerate(runs.items()):
+            if key not in wanted or (gc and key == "lean" and not args.only):
                 continue  # the critic-adapter layout: once, without
             label = name + (" + grad ckpt" if gc else "")
             results[label] = run_child(code(template, gc=gc, out=work / f"run{int(gc)}{i}", **kw), python=PY)
-    gen = run_child(code(GENERATE, gc=False, out=work / "gen"), python=PY)
+    gen = run_child(code(GENERATE, gc=False, out=work / "gen"), python=PY) if "gen" in wanted else {}
     print(json.dumps({**results, "generation": gen}, indent=1))
     if args.no_write:
         return
