@@ -164,11 +164,15 @@ def main() -> None:
     p.add_argument("--model", default="default", help="model dir for a quick smoke run (e.g. a tiny model)")
     p.add_argument("--no-write", action="store_true", help="print results, leave docs/benchmarks.md alone")
     p.add_argument(
-        "--only", nargs="+", choices=["lean", "four", "head", "sft", "gen"],
+        "--only",
+        nargs="+",
+        choices=["lean", "four", "head", "sft", "gen"],
         help="run these only (with --no-write), e.g. on a larger model: --only four head sft",
     )
     p.add_argument("--grad-ckpt", choices=["both", "off", "on"], default="both")
-    p.add_argument("--micro-batch", type=int, default=ROLLOUT, help="sequences per forward/backward (train.batch_size)")
+    p.add_argument(
+        "--micro-batch", type=int, default=ROLLOUT, help="sequences per forward/backward (train.batch_size)"
+    )
     args = p.parse_args()
     if args.only and not args.no_write:
         p.error("--only needs --no-write (the docs table wants every run)")
@@ -196,7 +200,11 @@ def main() -> None:
     runs = {
         "lean": ("PPO lean (one base, 4 roles as adapters)", PPO, dict(layout="auto", critic="adapter")),
         "four": ("PPO four separate models", PPO, dict(layout="separate", critic="adapter")),
-        "head": ("PPO lean, value head on the actor (ppo.critic=head)", PPO, dict(layout="auto", critic="head")),
+        "head": (
+            "PPO lean, value head on the actor (ppo.critic=head)",
+            PPO,
+            dict(layout="auto", critic="head"),
+        ),
         "sft": ("SFT LoRA step, same batch", SFT, {}),
     }
     wanted = set(args.only or [*runs, "gen"])

@@ -97,7 +97,9 @@ def test_precomputed_reference_equals_live_reference(method, tiny_model_dir, jso
 def test_shared_prompt_rows_train_like_separate_rows(tiny_model_dir, jsonl, tmp_path, capsys):
     data = jsonl(PAIRS)
     run_dpo(tiny_model_dir, data, tmp_path / "shared", "train.max_steps=3")
-    assert "pair batches: prompt shared, one row per prompt (data.share_prompt=auto)" in capsys.readouterr().out
+    assert (
+        "pair batches: prompt shared, one row per prompt (data.share_prompt=auto)" in capsys.readouterr().out
+    )
     run_dpo(tiny_model_dir, data, tmp_path / "rows", "train.max_steps=3", "data.share_prompt=off")
     for x, y in zip(metrics(tmp_path / "shared"), metrics(tmp_path / "rows"), strict=True):
         for key in ("loss", "rewards/margin", "logps/chosen", "logps/rejected"):

@@ -342,8 +342,15 @@ def test_branched_micro_batches_give_the_log_probs_and_gradients_of_rows(tiny_mo
 def test_shared_prompt_runs_like_one_row_per_answer(tiny_model_dir, jsonl, reward_file, tmp_path, capsys):
     data = jsonl(PROMPTS)
     grpo.run(config(tiny_model_dir, data, tmp_path / "shared", reward_file, "train.max_steps=3"))
-    assert "learning batches: prompt shared, one row per prompt (data.share_prompt=auto)" in capsys.readouterr().out
-    grpo.run(config(tiny_model_dir, data, tmp_path / "rows", reward_file, "train.max_steps=3", "data.share_prompt=off"))
+    assert (
+        "learning batches: prompt shared, one row per prompt (data.share_prompt=auto)"
+        in capsys.readouterr().out
+    )
+    grpo.run(
+        config(
+            tiny_model_dir, data, tmp_path / "rows", reward_file, "train.max_steps=3", "data.share_prompt=off"
+        )
+    )
     for x, y in zip(metrics(tmp_path / "shared"), metrics(tmp_path / "rows"), strict=True):
         for key in ("loss", "kl", "reward", "response_length"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)

@@ -93,7 +93,9 @@ def test_branched_pairs_give_the_numbers_of_separate_rows(family, tokenizer, jso
     assert counts_b.tolist() == counts_r.tolist()
     scorer = ScalarHeadModel(lm)
     with torch.no_grad():
-        torch.testing.assert_close(pair_scores(scorer, branched), pair_scores(scorer, rows), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            pair_scores(scorer, branched), pair_scores(scorer, rows), atol=1e-5, rtol=1e-5
+        )
     if family == "llama":
         peft = LogprobModel(get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
         for p in peft.parameters():

@@ -146,7 +146,11 @@ def test_export_rm_loads_as_a_transformers_sequence_classifier(trained, tmp_path
     seq = AutoModelForSequenceClassification.from_pretrained(out).eval()
     seq_tok = AutoTokenizer.from_pretrained(out)
     rows = [
-        {"input_ids": tokenize_prompt_response(seq_tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": r}], 512)[0]}
+        {
+            "input_ids": tokenize_prompt_response(
+                seq_tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": r}], 512
+            )[0]
+        }
         for p, r in zip(prompts, responses)
     ]
     batch = pad_batch(rows, pad_id=seq_tok.pad_token_id)

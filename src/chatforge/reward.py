@@ -136,12 +136,16 @@ def export_sequence_classifier(model_dir: str | Path, out_dir: str | Path, dtype
     try:
         seq = AutoModelForSequenceClassification.from_config(config, dtype=lm.dtype)
     except ValueError as e:
-        raise ChatforgeError(f"{config.model_type}: transformers has no sequence-classification class ({e})") from e
+        raise ChatforgeError(
+            f"{config.model_type}: transformers has no sequence-classification class ({e})"
+        ) from e
     config.architectures = [type(seq).__name__]
     state = {k: v for k, v in lm.state_dict().items() if k in seq.state_dict()}
     missing = set(seq.state_dict()) - set(state)
     if missing != {"score.weight"}:
-        raise ChatforgeError(f"{config.model_type}: cannot map the backbone onto {type(seq).__name__} ({sorted(missing)[:3]})")
+        raise ChatforgeError(
+            f"{config.model_type}: cannot map the backbone onto {type(seq).__name__} ({sorted(missing)[:3]})"
+        )
     with torch.no_grad():
         seq.load_state_dict(state, strict=False)
         seq.score.weight.copy_(model.head.weight.to(seq.score.weight.dtype))

@@ -128,7 +128,10 @@ def collate_pairs(examples: list[dict], pad_id: int, branched: bool = False) -> 
     from chatforge.data.collate import collate_branches
 
     groups = [
-        (ex["chosen_ids"][: ex["prompt_len"]], [ex[side][ex["prompt_len"] :] for side in ("chosen_ids", "rejected_ids")])
+        (
+            ex["chosen_ids"][: ex["prompt_len"]],
+            [ex[side][ex["prompt_len"] :] for side in ("chosen_ids", "rejected_ids")],
+        )
         for ex in examples
     ]
     if branched and all(prefix and all(responses) for prefix, responses in groups):

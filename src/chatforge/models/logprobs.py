@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the head: 32 MB in fp32
 
 
@@ -142,7 +141,9 @@ def model_attention_mask(lm, mask: torch.Tensor | None) -> torch.Tensor | None:
     dtype = next(base.parameters()).dtype
     if not dtype.is_floating_point:  # 4-bit storage: attention runs in the compute dtype
         dtype = torch.float32
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(dtype).min
+    )
 
 
 def last_hidden_states(lm, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
@@ -155,7 +156,9 @@ def last_hidden_states(lm, input_ids, attention_mask=None, position_ids=None) ->
         )
         return out.last_hidden_state
     kw = {"position_ids": position_ids} if position_ids is not None else {}
-    out = lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **kw)
+    out = lm(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **kw
+    )
     return out.hidden_states[-1][:, -input_ids.shape[1] :]  # prompt tuning prepends virtual tokens
 
 
@@ -174,7 +177,11 @@ def branches_supported(lm) -> bool:
         return False
     prefix, branches = [3, 4, 5, 6, 7, 8], [[9, 10, 11], [12, 13]]
     device = next(base.parameters()).device
-    batch = {k: v.to(device) for k, v in collate_branches([(prefix, branches)], pad_id=0).items() if torch.is_tensor(v)}
+    batch = {
+        k: v.to(device)
+        for k, v in collate_branches([(prefix, branches)], pad_id=0).items()
+        if torch.is_tensor(v)
+    }
     was_training = lm.training
     lm.eval()
     try:

@@ -88,7 +88,9 @@ def contiguous_head_input(lm):
         hook.remove()
 
 
-def inverse_cdf_multinomial(probs: torch.Tensor, generator=None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+def inverse_cdf_multinomial(
+    probs: torch.Tensor, generator=None, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
     """One draw per row of `probs` (B, V) (unnormalised, non-negative): (B, 1) indices.
 
     Inverse transform sampling: one uniform number per row against the row's running sum, where
@@ -128,7 +130,9 @@ def one_uniform_per_draw(row_seeds: list[int] | None = None):
     def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):  # noqa: A002
         if num_samples == 1 and input.dim() == 2 and out is None:
             if row_seeds is not None and len(row_seeds) == input.shape[0]:
-                return inverse_cdf_multinomial(input, uniform=row_uniforms(row_seeds, next(step), input.device))
+                return inverse_cdf_multinomial(
+                    input, uniform=row_uniforms(row_seeds, next(step), input.device)
+                )
             return inverse_cdf_multinomial(input, generator)
         return original(input, num_samples, replacement, generator=generator, out=out)
 

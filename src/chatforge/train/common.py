@@ -64,7 +64,9 @@ def share_prompt(cfg: Config, lm, what: str) -> bool:
             "separate rows (no 4D attention mask support, position biases of its own, or virtual "
             "tokens); use data.share_prompt=auto or off"
         )
-    log(f"{what}: {'prompt shared, one row per prompt' if branched else 'one row each'} (data.share_prompt={mode})")
+    log(
+        f"{what}: {'prompt shared, one row per prompt' if branched else 'one row each'} (data.share_prompt={mode})"
+    )
     return branched
 
 

@@ -3,7 +3,8 @@
 Trains the policy directly on preference pairs with `dpo.loss_type` (sigmoid = DPO, with
 `dpo.label_smoothing` = cDPO; ipo; hinge; simpo) from `chatforge.losses.preference`, plus an
 optional NLL term on the chosen response (`dpo.sft_weight`). Each step runs ONE forward over the
-chosen and rejected rows together (`data.preference.collate_pairs`).
+chosen and rejected responses together (`data.preference.collate_pairs`): by default each pair is
+one row with the prompt once (`data.share_prompt`), else a chosen row and a rejected row.
 
 The reference model costs no second copy with adapters: it is the same weights with the adapter
 switched off (`disable_adapter()`, under no_grad). With full fine-tuning it is a frozen copy, or,

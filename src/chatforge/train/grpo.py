@@ -10,6 +10,10 @@ at all when beta is 0).
 
     step:  prompts -> generate -> score -> group advantages -> [policy loss + beta * KL] x epochs
 
+Learning batches hold a prompt once with its answers after it (`data.share_prompt`, a 4D mask keeps
+the answers apart); `generate.seed_per_row` gives each answer its own random draws, so a run
+samples the same answers whatever its generation batch size or number of processes.
+
 The shared `Trainer` does the optimizer, accumulation (micro-batches of `train.batch_size`
 completions), logging and checkpoints; `train.max_steps` counts GRPO steps and `train.save_every`
 checkpoints every N of them; a run stopped between steps (Ctrl-C, a reward function that raises)
@@ -81,7 +85,9 @@ def grpo_loss(model, batch, normalizer, clip_eps: float, beta: float, reduction:
 def response_logps(model, batch):
     """Log-probs (b, R) of each completion's response tokens (0 past its end), from one forward of
     the micro-batch: prompt+response rows, or branched rows (a prompt once, its answers after it)."""
-    ids, mask, pos, target = (batch[k] for k in ("input_ids", "attention_mask", "position_ids", "target_mask"))
+    ids, mask, pos, target = (
+        batch[k] for k in ("input_ids", "attention_mask", "position_ids", "target_mask")
+    )
     if "prev" in batch:
         logps, _ = model(ids, mask, pos, target, prev=batch["prev"])
         return logps[batch["response_row"][:, None], batch["response_col"]]
@@ -274,7 +280,9 @@ def run(cfg: Config) -> str:
             seeds = None
             if gen_cfg.seed_per_row:  # by place in the step's global batch
                 first = rank * len(group)
-                seeds = [(cfg.train.seed * 1_000_003 + step) * 1_000_033 + first + i for i in range(len(group))]
+                seeds = [
+                    (cfg.train.seed * 1_000_003 + step) * 1_000_033 + first + i for i in range(len(group))
+                ]
             gen, rewards_t, parts, adv, times = rollout(model.lm, tok, group, scorer, cfg, seeds)
             t2 = time.perf_counter()
             learned, first_ratio = learn(trainer, model, ref, gen, adv, cfg, bar, branched)
