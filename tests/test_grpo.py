@@ -8,6 +8,7 @@ import torch
 from chatforge.config import load_config
 from chatforge.errors import ChatforgeError, DataError
 from chatforge.train import grpo
+from conftest import tiny_run_args
 
 PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
 # reward: the response contains the character "7" (a few byte-level tokens of the tiny vocabulary)
@@ -19,29 +20,15 @@ def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def config(model_dir, data, out, reward, *overrides):
-    return load_config(
-        None,
-        [
-            f"model.path={model_dir}",
-            f"data.train=[{data}]",
-            f"train.output_dir={out}",
-            f"grpo.reward_functions=[{reward}]",
-            "train.progress=false",
-            "train.warmup_ratio=0",
-            "train.scheduler=constant",
-            "train.lr=2e-2",
-            "model.dtype=float32",
-            "train.mixed_precision=none",
-            "peft.r=8",
-            "data.max_length=96",
-            "generate.max_new_tokens=12",
-            "grpo.prompts_per_step=2",
-            "grpo.num_generations=8",
-            "train.batch_size=16",
-            *overrides,
-        ],
-    )
+def overrides(model_dir, data, out, reward, *extra) -> list[str]:
+    grpo = ("grpo.prompts_per_step=2", "grpo.num_generations=8", f"grpo.reward_functions=[{reward}]")
+    schedule = ("train.warmup_ratio=0", "train.scheduler=constant", "train.lr=2e-2", "train.batch_size=16")
+    sizes = ("peft.r=8", "data.max_length=96", "generate.max_new_tokens=12")
+    return tiny_run_args(model_dir, data, out, *grpo, *schedule, *sizes, *extra)
+
+
+def config(model_dir, data, out, reward, *extra):
+    return load_config(None, overrides(model_dir, data, out, reward, *extra))
 
 
 @pytest.fixture
@@ -364,27 +351,18 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, reward_file,
     data = jsonl(PROMPTS)
 
     def args(out, processes):
-        return [
-            f"model.path={tiny_model_dir}",
-            f"data.train=[{data}]",
-            f"train.output_dir={out}",
-            f"grpo.reward_functions=[{reward_file}]",
-            "train.progress=false",
-            "train.warmup_ratio=0",
-            "train.lr=2e-2",
-            "model.dtype=float32",
-            "train.mixed_precision=none",
+        return overrides(
+            tiny_model_dir,
+            data,
+            out,
+            reward_file,
             "train.device=cpu",
-            "peft.r=8",
-            "data.max_length=96",
-            "generate.max_new_tokens=12",
             "generate.seed_per_row=true",
-            "grpo.num_generations=8",
             "grpo.samples_every=0",
             "train.max_steps=3",
             f"grpo.prompts_per_step={2 // processes}",
             f"train.batch_size={16 // processes}",
-        ]
+        )
 
     a, b = one_and_two_processes("grpo", args, tmp_path)
     assert len(a) == len(b) == 3

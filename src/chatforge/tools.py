@@ -5,40 +5,47 @@ from __future__ import annotations
 import argparse
 
 
-def merge_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="chatforge merge", description="Fold a LoRA adapter into its base model."
-    )
-    p.add_argument("adapter_dir")
+def _convert_main(
+    argv: list[str], prog: str, description: str, source: str, target: str, written: str
+) -> int:
+    """`prog SOURCE OUT_DIR [--dtype]`: run `target` (module:function)(source, out_dir, dtype=...)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument(source)
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
+    import importlib
+
     import torch
 
-    from chatforge.models.adapters import merge_adapter
-
-    out = merge_adapter(args.adapter_dir, args.out_dir, dtype=getattr(torch, args.dtype))
-    print(f"merged model written to {out}")
+    module, name = target.split(":")
+    convert = getattr(importlib.import_module(module), name)
+    out = convert(getattr(args, source), args.out_dir, dtype=getattr(torch, args.dtype))
+    print(f"{written} written to {out}")
     return 0
+
+
+def merge_main(argv: list[str]) -> int:
+    return _convert_main(
+        argv,
+        "chatforge merge",
+        "Fold a LoRA adapter into its base model.",
+        "adapter_dir",
+        "chatforge.models.adapters:merge_adapter",
+        "merged model",
+    )
 
 
 def export_rm_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="chatforge export-rm",
-        description="Write a chatforge reward model as a transformers AutoModelForSequenceClassification "
-        "dir (LoRA folded in, num_labels=1), loadable by other tools.",
+    return _convert_main(
+        argv,
+        "chatforge export-rm",
+        "Write a chatforge reward model as a transformers AutoModelForSequenceClassification dir "
+        "(LoRA folded in, num_labels=1), loadable by other tools.",
+        "rm_dir",
+        "chatforge.reward:export_sequence_classifier",
+        "sequence classifier",
     )
-    p.add_argument("rm_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = p.parse_args(argv)
-    import torch
-
-    from chatforge.reward import export_sequence_classifier
-
-    out = export_sequence_classifier(args.rm_dir, args.out_dir, dtype=getattr(torch, args.dtype))
-    print(f"sequence classifier written to {out} (AutoModelForSequenceClassification.from_pretrained)")
-    return 0
 
 
 def data_main(argv: list[str]) -> int:
