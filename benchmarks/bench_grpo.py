@@ -20,7 +20,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import command_line, machine, run_child, write_jsonl, write_section
+from common import add_malloc_option, command_line, machine, run_child, write_jsonl, write_section
 
 GROUP, NEW_TOKENS, BETA, LR = 8, 32, 0.04, 1e-5
 
@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--model", default="default", help="model dir for a quick smoke run (e.g. a tiny model)")
     p.add_argument("--no-write", action="store_true", help="print results, leave docs/benchmarks.md alone")
+    add_malloc_option(p)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     data = write_jsonl(prompt_records(max(64, args.steps)), work / "prompts.jsonl")
@@ -114,16 +115,18 @@ def main() -> None:
     )
     results = {"chatforge": run_child(CHATFORGE.format(out=work / "cf", **fmt))}
     if not args.skip_trl:
-        results["TRL 1.16 GRPOTrainer"] = run_child(TRL.format(out=work / "trl", **fmt))
+        results["TRL 1.16 GRPOTrainer"] = run_child(
+            TRL.format(out=work / "trl", **fmt), malloc=args.peer_malloc
+        )
     print(json.dumps(results, indent=1))
     if args.no_write:
         return
     rows = [
-        "| run | s/step | samples/s | answer tokens (mean) | peak RSS (GiB) | wall (s) |",
-        "|---|---|---|---|---|---|",
+        "| run | s/step | samples/s | answer tokens (mean) | peak RSS (GiB) | malloc | wall (s) |",
+        "|---|---|---|---|---|---|---|",
         *(
             f"| {k} | {v['step_s']:.2f} | {v['samples_per_s']:.2f} | {v['response_length']:.1f} | "
-            f"{v['peak_rss_gib']:.2f} | {v['wall_s']:.0f} |"
+            f"{v['peak_rss_gib']:.2f} | {v['malloc']} | {v['wall_s']:.0f} |"
             for k, v in results.items()
         ),
     ]

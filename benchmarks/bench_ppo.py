@@ -226,11 +226,11 @@ def main() -> None:
         return f"{a['peak_rss_gib'] / b['peak_rss_gib']:.2f}x peak ({above:.2f}x above start)"
 
     rows = [
-        "| run | s/step | learn s/step | peak RSS (GiB) | above start (GiB) |",
-        "|---|---|---|---|---|",
+        "| run | s/step | learn s/step | peak RSS (GiB) | above start (GiB) | malloc |",
+        "|---|---|---|---|---|---|",
         *(
             f"| {k} | {v['step_s']:.2f} | {v['learn_s']:.2f} | {v['peak_rss_gib']:.2f} | "
-            f"{v['peak_rss_gib'] - v['start_rss_gib']:.2f} |"
+            f"{v['peak_rss_gib'] - v['start_rss_gib']:.2f} | {v['malloc']} |"
             for k, v in results.items()
         ),
     ]

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from common import (
+    add_malloc_option,
     chat_records,
     command_line,
     machine,
@@ -152,6 +153,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=200)
     p.add_argument("--only", choices=["rm", "dpo"], help="run one stage only")
     p.add_argument("--skip-trl", action="store_true")
+    add_malloc_option(p)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-rm-dpo-"))
     records = pair_records(args.pairs + 8)
@@ -175,14 +177,14 @@ def main() -> None:
             code = TRL.format(
                 kind=kind, trl_config=config, trl_trainer=trainer, out=work / f"trl-{kind}", **fmt
             )
-            results[f"TRL 1.16 {trainer}"] = run_child(code)
+            results[f"TRL 1.16 {trainer}"] = run_child(code, malloc=args.peer_malloc)
     print(json.dumps(results, indent=1))
     rows = [
-        "| run | pairs/s | real tokens/s | step (s) | peak RSS (GiB) | grad ckpt | wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | pairs/s | real tokens/s | step (s) | peak RSS (GiB) | grad ckpt | malloc | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
         *(
             f"| {k} | {v['pairs_per_s']:.2f} | {v['tokens_per_s']:.0f} | {v['step_s']:.2f} | "
-            f"{v['peak_rss_gib']:.2f} | {'on' if v['grad_ckpt'] else 'off'} | {v['wall_s']:.0f} |"
+            f"{v['peak_rss_gib']:.2f} | {'on' if v['grad_ckpt'] else 'off'} | {v['malloc']} | {v['wall_s']:.0f} |"
             for k, v in results.items()
         ),
     ]

@@ -17,7 +17,15 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import chat_records, command_line, machine, run_child, write_jsonl, write_section
+from common import (
+    add_malloc_option,
+    chat_records,
+    command_line,
+    machine,
+    run_child,
+    write_jsonl,
+    write_section,
+)
 
 CHATFORGE = """
 import json, statistics, sys
@@ -76,6 +84,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--examples", type=int, default=400)
     p.add_argument("--skip-trl", action="store_true")
+    add_malloc_option(p)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     data = write_jsonl(chat_records(args.examples), work / "chats.jsonl")
@@ -91,13 +100,15 @@ def main() -> None:
         CHATFORGE.format(out=work / "cf-pad", packing="false", gc="false", **fmt)
     )
     if not args.skip_trl:
-        results["TRL 1.16 SFTTrainer"] = run_child(TRL.format(out=work / "trl", **fmt))
+        results["TRL 1.16 SFTTrainer"] = run_child(
+            TRL.format(out=work / "trl", **fmt), malloc=args.peer_malloc
+        )
     print(json.dumps(results, indent=1))
     rows = [
-        "| run | real tokens/s | peak RSS (GiB) | wall (s) |",
-        "|---|---|---|---|",
+        "| run | real tokens/s | peak RSS (GiB) | malloc | wall (s) |",
+        "|---|---|---|---|---|",
         *(
-            f"| {k} | {v['tokens_per_s']:.0f} | {v['peak_rss_gib']:.2f} | {v['wall_s']:.0f} |"
+            f"| {k} | {v['tokens_per_s']:.0f} | {v['peak_rss_gib']:.2f} | {v['malloc']} | {v['wall_s']:.0f} |"
             for k, v in results.items()
         ),
     ]

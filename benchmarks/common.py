@@ -49,22 +49,30 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
     return path
 
 
-def run_child(code: str, env: dict | None = None, python: str = BENCH_PY) -> dict:
+def run_child(code: str, python: str = BENCH_PY, malloc: str = "chatforge") -> dict:
     """Run `code` in a fresh interpreter; it must print one JSON line last.
 
-    Adds peak_rss_gib (the child's maximum resident set size) and start_rss_gib: its resident size
-    once torch, transformers and peft are imported, before the code runs (the interpreter and
-    libraries every side pays; peak - start is what the run itself added)."""
+    malloc="chatforge" runs the child on the malloc the `chatforge` command would pick here
+    (`chatforge.allocator`: jemalloc or mimalloc when installed, CHATFORGE_MALLOC to choose);
+    "system" on the environment's own (glibc's unless LD_PRELOAD says otherwise). Adds
+    peak_rss_gib (the child's maximum resident set size), start_rss_gib: its resident size once
+    torch, transformers and peft are imported, before the code runs (the interpreter and libraries
+    every side pays; peak - start is what the run itself added), and the malloc it ran on."""
+    from chatforge import allocator
+
+    env = dict(os.environ)
+    if malloc == "chatforge":
+        env = allocator.restart_env(env) or env
     wrapper = (
         "import resource as _r, torch, transformers, peft\n"
+        + "from chatforge.allocator import in_use as _in_use\n"
         + "print('START', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
         + code
         + "\nprint('PEAK', _r.getrusage(_r.RUSAGE_SELF).ru_maxrss)\n"
+        + "print('MALLOC', _in_use())\n"
     )
     t0 = time.time()
-    proc = subprocess.run(
-        [python, "-c", wrapper], capture_output=True, text=True, env={**os.environ, **(env or {})}
-    )
+    proc = subprocess.run([python, "-c", wrapper], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-4000:])
     lines = proc.stdout.strip().splitlines()
@@ -72,8 +80,18 @@ def run_child(code: str, env: dict | None = None, python: str = BENCH_PY) -> dic
     result = json.loads(next(ln for ln in reversed(lines) if ln.startswith("{")))
     result["peak_rss_gib"] = round(kib["PEAK"] / 2**20, 2)
     result["start_rss_gib"] = round(kib["START"] / 2**20, 2)
+    result["malloc"] = next(ln for ln in lines if ln.startswith("MALLOC")).split()[1]
     result["wall_s"] = round(time.time() - t0, 1)
     return result
+
+
+def add_malloc_option(parser) -> None:
+    parser.add_argument(
+        "--peer-malloc",
+        choices=["system", "chatforge"],
+        default="system",
+        help="the peer's malloc: the environment's own (default: how its users run it) or chatforge's",
+    )
 
 
 def machine() -> str:

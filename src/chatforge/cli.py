@@ -111,6 +111,7 @@ def run_stage(name: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from chatforge.errors import ChatforgeError
 
+    as_command = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         _parser().print_help()
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     try:
+        if as_command and (name in STAGES or name in TOOLS):
+            from chatforge.allocator import restart_with_chosen_malloc
+
+            restart_with_chosen_malloc()  # jemalloc & co. when installed: see chatforge.allocator
         if name in STAGES:
             return run_stage(name, rest)
         if name in TOOLS:

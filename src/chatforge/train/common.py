@@ -6,6 +6,7 @@ a loss function to the shared `Trainer`; none of them copies the loop.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -24,7 +25,10 @@ def seed_everything(seed: int) -> None:
 
 def start_run(cfg: Config, stage: str) -> Path:
     """Create the output dir, write the effective config and seed every RNG (before models exist)."""
+    from chatforge import allocator
+
     seed_everything(cfg.train.seed)
+    log(allocator.describe())
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -33,8 +37,6 @@ def start_run(cfg: Config, stage: str) -> Path:
 
 
 def log(msg: str) -> None:
-    import os
-
     if os.environ.get("RANK", "0") == "0":
         print(f"chatforge: {msg}", flush=True)
 
