@@ -180,3 +180,29 @@ def test_dpo_cli_reports_bad_data_with_file_and_line(tiny_model_dir, jsonl, tmp_
     assert main(["rm", *args]) == 2
     assert f"{bad}:2: chosen must be" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("branched", [False, True])
+def test_padding_to_a_multiple_changes_widths_not_numbers(branched, tokenizer, jsonl):
+    """data.pad_to_multiple_of: batch widths from a few buckets (kernels are cached per shape),
+    the same log-probs, counts and reward scores as padding to the longest row."""
+    from chatforge.models.heads import ScalarHeadModel
+    from chatforge.train.reward import pair_scores
+
+    examples, _ = build_preference_examples(jsonl(PAIRS * 2), tokenizer, max_length=64)
+    tight, padded = (
+        collate_pairs(examples, tokenizer.pad_token_id, branched=branched, pad_to_multiple_of=m)
+        for m in (None, 16)
+    )
+    assert tight["input_ids"].shape[1] % 16 != 0  # else the test would not pad anything
+    assert padded["input_ids"].shape[1] == -(-tight["input_ids"].shape[1] // 16) * 16
+    lm = tiny_model("llama", tokenizer, seed=3).eval()
+    model = LogprobModel(lm)
+    (sums_t, counts_t), (sums_p, counts_p) = (sequence_logps(model, b) for b in (tight, padded))
+    torch.testing.assert_close(sums_p, sums_t, atol=1e-5, rtol=1e-5)
+    assert counts_p.tolist() == counts_t.tolist()
+    with torch.no_grad():
+        scorer = ScalarHeadModel(lm)
+        torch.testing.assert_close(
+            pair_scores(scorer, padded), pair_scores(scorer, tight), atol=1e-5, rtol=1e-5
+        )

@@ -205,7 +205,7 @@ def test_shared_prompt_rows_train_like_separate_rows(tiny_model_dir, jsonl, tmp_
     data = jsonl(pairs(0, 16))
     # centring gives the head's bias a gradient: without it the bias gets float noise, which Adam
     # turns into lr-sized steps that shift every reward (margins and accuracy are unaffected)
-    common = ("train.max_steps=3", "rm.center_coef=0.01")
+    common = ("train.max_steps=3", "rm.center_coef=0.01", "data.pad_to_multiple_of=1")
     run_rm(tiny_model_dir, data, tmp_path / "shared", *common, "data.share_prompt=on")
     run_rm(tiny_model_dir, data, tmp_path / "rows", *common, "data.share_prompt=off")
     for x, y in zip(metrics(tmp_path / "shared"), metrics(tmp_path / "rows"), strict=True):

@@ -7,8 +7,8 @@ what it ever holds live. jemalloc, mimalloc and tcmalloc keep far less. Measured
 jemalloc or mimalloc, and no slower steps (docs/benchmarks.md has the full tables).
 
 So the `chatforge` command restarts itself once, at start-up and before torch is imported, with
-such a library in LD_PRELOAD when the system has one (Debian/Ubuntu: `apt install libjemalloc2`;
-`make install` does it where it may). `CHATFORGE_MALLOC` chooses:
+such a library in LD_PRELOAD when the system has one (Debian/Ubuntu: `apt install libjemalloc2`).
+`CHATFORGE_MALLOC` chooses:
 
     auto      (default) the first of jemalloc, mimalloc, tcmalloc found; glibc's when none is
     system    glibc's malloc, no restart

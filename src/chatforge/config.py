@@ -58,6 +58,11 @@ class DataConfig:
     eval: list[str] = opt([], "evaluation files (optional)")
     max_length: int = opt(512, "maximum tokens per example; longer ones are truncated and counted")
     packing: bool = opt(False, "pack several short examples per row (no attention across examples)")
+    pad_to_multiple_of: int = opt(
+        16,
+        "training batches are padded to a multiple of this many tokens (1: to the longest row); kernels "
+        "are built and cached per shape, so free widths grow a CPU process by ~10-16 MB per new width",
+    )
     assistant_only_loss: bool = opt(True, "train only on assistant tokens; false trains on every token")
     eval_fraction: float = opt(0.0, "hold out this fraction of data.train for eval when data.eval is empty")
     share_prompt: str = opt(
@@ -260,6 +265,7 @@ class Config:
 # Value checks that types alone cannot express: (key, predicate, what it must be).
 _RULES = [
     ("data.max_length", lambda v: v > 0, "a positive integer"),
+    ("data.pad_to_multiple_of", lambda v: v > 0, "a positive integer"),
     ("train.batch_size", lambda v: v > 0, "a positive integer"),
     ("train.grad_accum", lambda v: v > 0, "a positive integer"),
     ("train.max_steps", lambda v: v >= 0, "0 or a positive integer"),

@@ -187,7 +187,11 @@ def collate_packed(
     }
 
 
-def collate_branches(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int) -> dict:
+def collate_branches(
+    groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    pad_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> dict:
     """One row per group of sequences that share a prefix: the prefix once, then each branch.
 
     `groups` holds (prefix ids, [branch ids, ...]) (a preference pair is a prompt with 2 responses,
@@ -196,7 +200,8 @@ def collate_branches(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int
     length, so every branch token sees exactly what it would see in a row of its own: prefix +
     branch. The prefix is computed once instead of K times.
 
-    Returns, for G groups padded right to T tokens:
+    Returns, for G groups padded right to T tokens (the longest row, rounded up to a multiple of
+    `pad_to_multiple_of` when given; padding attends to padding only):
         input_ids (G, T); position_ids (G, T) (0 on padding);
         attention_mask (G, 1, T, T) bool, True where query t may attend to key s (transformers
             uses a 4D mask as given);
@@ -232,7 +237,7 @@ def collate_branches(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int
             prev += [len(prefix) - 1] + list(range(start, start + len(branch) - 1))
             last.append(len(ids) - 1)
         rows.append((ids, pos, br, prev, last))
-    width = max(len(r[0]) for r in rows)
+    width = _padded_length(max(len(r[0]) for r in rows), pad_to_multiple_of)
     g = len(rows)
     input_ids = torch.full((g, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((g, width), dtype=torch.long)

@@ -112,7 +112,9 @@ def build_preference_examples(
     return examples, report
 
 
-def collate_pairs(examples: list[dict], pad_id: int, branched: bool = False) -> dict:
+def collate_pairs(
+    examples: list[dict], pad_id: int, branched: bool = False, pad_to_multiple_of: int | None = None
+) -> dict:
     """A pair batch: (2B, T) rows, or with `branched` one (B, T) row per pair.
 
     Rows: right-padded [chosen_0..chosen_B-1, rejected_0..rejected_B-1]; `labels` mark the response
@@ -120,6 +122,7 @@ def collate_pairs(examples: list[dict], pad_id: int, branched: bool = False) -> 
     once, then the chosen and the rejected response, each attending to the prompt and itself, so
     the prompt is computed once per pair; `branch` is 1 on chosen and 2 on rejected tokens, `last`
     (B, 2) their last positions. A batch with an empty prompt or response falls back to rows.
+    Widths are rounded up to a multiple of `pad_to_multiple_of` when given.
     Either way `margin` is (B,) with 0 where a pair has none, and `ref_chosen` / `ref_rejected` (B,)
     are passed on when the examples carry precomputed reference log-probs.
     """
@@ -135,14 +138,14 @@ def collate_pairs(examples: list[dict], pad_id: int, branched: bool = False) -> 
         for ex in examples
     ]
     if branched and all(prefix and all(responses) for prefix, responses in groups):
-        batch = collate_branches(groups, pad_id=pad_id)
+        batch = collate_branches(groups, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
     else:
         rows = []
         for side in ("chosen_ids", "rejected_ids"):
             for ex in examples:
                 ids, start = ex[side], ex["prompt_len"]
                 rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * start + ids[start:]})
-        batch = pad_batch(rows, pad_id=pad_id)
+        batch = pad_batch(rows, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
     batch["margin"] = torch.tensor([float(ex.get("margin") or 0.0) for ex in examples])
     for key in ("ref_chosen", "ref_rejected"):
         if all(key in ex for ex in examples):

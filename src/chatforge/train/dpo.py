@@ -163,7 +163,12 @@ def pair_collate(cfg: Config, lm, pad_id: int):
     from chatforge.data.preference import collate_pairs
     from chatforge.train.common import share_prompt
 
-    return partial(collate_pairs, pad_id=pad_id, branched=share_prompt(cfg, lm, "pair batches"))
+    return partial(
+        collate_pairs,
+        pad_id=pad_id,
+        branched=share_prompt(cfg, lm, "pair batches"),
+        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+    )
 
 
 def load_pairs(cfg: Config, tokenizer):

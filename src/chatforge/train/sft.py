@@ -27,12 +27,11 @@ def sft_units(batch, reduction: str = "token") -> int:
     return count_units(batch["labels"][:, 1:] != -100, reduction)
 
 
-def make_collate(tokenizer, packing: bool):
+def make_collate(tokenizer, packing: bool, pad_to_multiple_of: int | None = None):
     from chatforge.data.collate import collate_packed, pad_batch
 
-    if packing:
-        return partial(collate_packed, pad_id=tokenizer.pad_token_id)
-    return partial(pad_batch, pad_id=tokenizer.pad_token_id)
+    collate = collate_packed if packing else pad_batch
+    return partial(collate, pad_id=tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def check_packing(lm) -> None:
@@ -89,7 +88,7 @@ def run(cfg: Config) -> str:
     reduction = cfg.train.loss_reduction
     trainer.fit(
         items,
-        make_collate(tok, cfg.data.packing),
+        make_collate(tok, cfg.data.packing, cfg.data.pad_to_multiple_of),
         partial(sft_loss, reduction=reduction),
         partial(sft_units, reduction=reduction),
         eval_items=eval_items,
