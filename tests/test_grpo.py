@@ -370,3 +370,30 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, reward_file,
         for key in ("loss", "reward", "reward_std", "kl", "response_length", "clip_frac"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["grpo_step"], key)
     assert a[-1]["kl"] > 0 and len({r["reward"] for r in a}) > 1  # it learned, the same way in both
+
+
+@pytest.mark.parametrize("branched", [False, True])
+def test_micro_batches_round_widths_without_changing_log_probs(tiny_model_dir, branched):
+    from chatforge.models.load import load_model, load_tokenizer
+    from chatforge.models.logprobs import LogprobModel
+    from chatforge.rl.generate import generate
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(tiny_model_dir)
+    model = LogprobModel(load_model(tiny_model_dir, device=torch.device("cpu")))
+    prompts = [tok("What is 2 plus 3?")["input_ids"]] * 2 + [tok("hi")["input_ids"]] * 2
+    gen = generate(model.lm, tok, prompts, max_new_tokens=10, temperature=1.0)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    tight, padded = (
+        grpo.micro_batches(gen, adv, 2, torch.device("cpu"), branched, pad_to_multiple_of=m)
+        for m in (None, 8)
+    )
+    full = gen.prompt_ids.shape[1] + gen.response_ids.shape[1]
+    assert any(b["input_ids"].shape[1] % 8 for b in tight)  # else nothing to round
+    for t, p in zip(tight, padded):
+        w = t["input_ids"].shape[1]
+        assert p["input_ids"].shape[1] == (-(-w // 8) * 8 if branched else min(-(-w // 8) * 8, full))
+    with torch.no_grad():
+        for t, p in zip(grpo.sequence_logprobs(model, tight), grpo.sequence_logprobs(model, padded)):
+            torch.testing.assert_close(p[:, : t.shape[1]], t, atol=1e-5, rtol=1e-5)
+            assert not p[:, t.shape[1] :].any()

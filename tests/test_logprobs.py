@@ -61,3 +61,32 @@ def test_logprob_model_scores_the_tempered_distribution(tokenizer):
         plain, _ = LogprobModel(lm)(ids)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain, got, atol=1e-3)
+
+
+def test_head_matmuls_see_row_counts_in_buckets():
+    """The head's last chunk is zero-padded to a multiple of ROW_BUCKET rows (kernels are cached
+    per shape, so a free row count would add a set every step), and the log-probs are unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chatforge.models.logprobs import ROW_BUCKET
+
+    class MatmulRows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default:
+                self.rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(2 * ROW_BUCKET + 5, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (hidden.shape[0],))
+    with MatmulRows() as seen:
+        lp, ent = head_logprobs(hidden, head, targets, chunk_size=2 * ROW_BUCKET, with_entropy=True)
+    assert seen.rows and all(r % ROW_BUCKET == 0 for r in seen.rows), seen.rows
+    ref = torch.log_softmax(head(hidden), -1)
+    torch.testing.assert_close(lp, ref.gather(1, targets[:, None]).squeeze(1))
+    torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1))

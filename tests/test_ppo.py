@@ -351,3 +351,30 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
         for key in keys:
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["ppo_step"], key)
     assert a[-1]["kl"] > 0  # the actor moved, the same way in both
+
+
+def test_batches_round_their_width_and_keep_the_loss(experience):
+    """`Experience.batch(..., pad_to_multiple_of=m)`: the width rounded up to a multiple of m with
+    padding columns, the same loss and metrics as the tight batch."""
+    roles, exp = experience
+    full = exp.input_ids.shape[1]
+    # a row whose tight batch has room to grow: shorter prompt or response than the longest
+    row, m = next(
+        (r, m)
+        for r in range(len(exp))
+        for m in (3, 4, 5, 6, 7)
+        if (w := exp.batch([r])["input_ids"].shape[1]) % m and -(-w // m) * m <= full
+    )
+    rows = [row]
+    tight = exp.batch(rows)
+    w = tight["input_ids"].shape[1]
+    padded = exp.batch(rows, pad_to_multiple_of=m)
+    assert padded["input_ids"].shape[1] == -(-w // m) * m
+    assert padded["num_tokens"] == tight["num_tokens"]
+    model = roles.model().eval()
+    with torch.no_grad():
+        (loss_t, metrics_t), (loss_p, metrics_p) = (ppo.ppo_loss(model, b, None) for b in (tight, padded))
+    torch.testing.assert_close(loss_p, loss_t, atol=1e-5, rtol=1e-5)
+    for k in ("clip_frac", "approx_kl", "entropy"):
+        if k in metrics_t:
+            torch.testing.assert_close(metrics_p[k], metrics_t[k], atol=1e-5, rtol=1e-5)

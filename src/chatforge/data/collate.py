@@ -33,6 +33,26 @@ def _padded_length(longest: int, multiple: int | None) -> int:
     return longest
 
 
+def bucket_span(
+    lo: int, prompt_width: int, width: int, response_width: int, multiple: int | None
+) -> tuple[int, int]:
+    """(lo, width) such that columns lo .. prompt_width + width of a (left-padded prompt,
+    right-padded response) tensor number a multiple of `multiple`, taking padding columns from the
+    response side first (up to response_width), then the prompt side (down to 0); as close as the
+    tensor allows when it has too few.
+
+    >>> bucket_span(lo=5, prompt_width=8, width=3, response_width=6, multiple=8)  # 6 -> 8 columns
+    (5, 5)
+    >>> bucket_span(lo=5, prompt_width=8, width=3, response_width=4, multiple=8)
+    (4, 4)
+    """
+    if not multiple:
+        return lo, width
+    short = -(prompt_width - lo + width) % multiple
+    grow = min(short, response_width - width)
+    return max(lo - (short - grow), 0), width + grow
+
+
 def pad_batch(
     examples: Sequence[Mapping],
     pad_id: int,

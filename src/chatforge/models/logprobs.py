@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the head: 32 MB in fp32
+# The last chunk's rows are rounded up to a multiple of this: kernels (oneDNN on CPU) are built and
+# cached per shape and never freed, so a free row count would add one set per step.
+ROW_BUCKET = 16
 
 
 class _FrozenHeadLogprob(torch.autograd.Function):
@@ -31,22 +35,25 @@ class _FrozenHeadLogprob(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            logits = (hidden[s:e] @ weight.T).float()
+            h, tgt = hidden[s:e], targets[s:e, None]
+            extra = -(e - s) % ROW_BUCKET
+            if extra:  # the last chunk: zero rows up to a bucket, so its kernels come from a few shapes
+                h, tgt = F.pad(h, (0, 0, 0, extra)), F.pad(tgt, (0, 0, 0, extra))
+            logits = (h @ weight.T).float()
             if temperature != 1.0:
                 logits.div_(temperature)
             lse = logits.logsumexp(-1, keepdim=True)
-            tgt = targets[s:e, None]
-            logp[s:e] = (logits.gather(1, tgt) - lse).squeeze(1)
+            logp[s:e] = (logits.gather(1, tgt) - lse)[: e - s].squeeze(1)
             if with_entropy or grad_hidden is not None:
                 logq = logits.sub_(lse)  # in place: every log-prob of the chunk
                 probs = logq.exp()
                 if with_entropy:  # -sum p log p as a batched dot product: no third (chunk, vocab) block
-                    entropy[s:e] = -(probs[:, None, :] @ logq[:, :, None]).view(-1)
+                    entropy[s:e] = -(probs[:, None, :] @ logq[:, :, None]).view(-1)[: e - s]
                 del logits, logq
                 if grad_hidden is not None:
                     # d logp / d logits = onehot - softmax
                     probs.scatter_add_(1, tgt, probs.new_full(tgt.shape, -1.0)).neg_()
-                    grad_hidden[s:e] = (probs.to(weight.dtype) @ weight).div_(temperature)
+                    grad_hidden[s:e] = (probs.to(weight.dtype) @ weight)[: e - s].div_(temperature)
         ctx.save_for_backward(grad_hidden)
         if entropy is not None:
             ctx.mark_non_differentiable(entropy)
@@ -79,12 +86,12 @@ def head_logprobs(
     """Log-prob of `targets` (N,) under `head(hidden)` for hidden (N, H); returns fp32 (N,) [+ entropy].
 
     Peak extra memory is two (chunk_size, vocab) fp32 blocks, whatever N is; the default chunk keeps
-    a block near 32 MB (170 rows of a 49k vocabulary), which on CPU is also no slower than larger
+    a block near 32 MB (160 rows of a 49k vocabulary), which on CPU is also no slower than larger
     blocks (measured: 860 rows through a 49k head, forward + backward, 0.36-0.46 s at 64-256 rows
     per chunk against 0.50-0.60 s and 0.3-0.5 GB more at 1024).
     """
     weight, bias = head.weight, head.bias
-    chunk_size = chunk_size or max(16, CHUNK_ELEMENTS // weight.shape[0])
+    chunk_size = chunk_size or max(ROW_BUCKET, CHUNK_ELEMENTS // weight.shape[0] // ROW_BUCKET * ROW_BUCKET)
     if not weight.requires_grad and bias is None:
         return _FrozenHeadLogprob.apply(hidden, weight, targets, temperature, chunk_size, with_entropy)
     logps, ents = [], []

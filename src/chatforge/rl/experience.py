@@ -89,13 +89,15 @@ def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl
     return rewards.scatter_add(1, last[:, None], scores.float().to(rewards.device)[:, None])
 
 
-def _forward_all(empty: Experience, fn, batch_size: int, device, width: int, n_out: int = 1):
+def _forward_all(
+    empty: Experience, fn, batch_size: int, device, width: int, n_out: int = 1, multiple: int | None = None
+):
     """Run fn(micro_batch) -> n_out tensors (b, w) over the rollout in micro-batches; gather each
     into (B, width) fp32 on CPU (a tuple when n_out > 1)."""
     outs = [torch.zeros(len(empty), width, dtype=torch.float32) for _ in range(n_out)]
     for s in range(0, len(empty), batch_size):
         rows = list(range(s, min(s + batch_size, len(empty))))
-        got = fn(empty.batch(rows, device))
+        got = fn(empty.batch(rows, device, multiple))
         for out, vals in zip(outs, got if n_out > 1 else (got,)):
             out[rows, : vals.shape[1]] = vals.float().cpu()
     return tuple(outs) if n_out > 1 else outs[0]
@@ -113,8 +115,10 @@ def make_experience(
     batch_size: int = 8,
     device=None,
     autocast=None,
+    pad_to_multiple_of: int | None = None,
 ) -> tuple[Experience, dict[str, float]]:
-    """(Experience, stats) for a scored rollout; forward passes in micro-batches of `batch_size`."""
+    """(Experience, stats) for a scored rollout; forward passes in micro-batches of `batch_size`
+    (widths rounded as `Experience.batch` does with `pad_to_multiple_of`)."""
     from chatforge.losses.kl import kl_estimate
     from chatforge.losses.reduce import masked_mean
     from chatforge.rl.advantages import gae, whiten
@@ -155,10 +159,12 @@ def make_experience(
             lp, _ = roles.ref_policy(b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"])
         return lp[:, -b["response_mask"].shape[1] :]
 
-    exp.old_logp, exp.old_values = _forward_all(exp, logps_and_values, batch_size, device, R, 2)
+    exp.old_logp, exp.old_values = _forward_all(
+        exp, logps_and_values, batch_size, device, R, 2, pad_to_multiple_of
+    )
     exp.old_values = exp.old_values * rmask
     with roles.use("ref"):
-        exp.ref_logp = _forward_all(exp, ref_logps, batch_size, device, R)
+        exp.ref_logp = _forward_all(exp, ref_logps, batch_size, device, R, 1, pad_to_multiple_of)
     exp.kl = kl_estimate(exp.old_logp, exp.ref_logp, kl_estimator) * rmask
     exp.rewards = token_rewards(exp.kl, exp.scores, rmask, kl_coef)
     adv, exp.returns = gae(exp.rewards, exp.old_values, rmask, gamma, lam)

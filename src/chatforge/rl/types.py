@@ -71,12 +71,14 @@ class Experience:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def batch(self, rows, device=None) -> dict:
+    def batch(self, rows, device=None, pad_to_multiple_of: int | None = None) -> dict:
         """The rows `rows` as a training micro-batch, with columns that are padding in every row dropped.
 
         Returns input_ids/attention_mask/position_ids/target_mask (b, W) and response_mask,
         old_logp, old_values, advantages, returns (b, w) where w is the longest response among
-        the rows and W = the prompt columns in use + w. `num_tokens` counts real tokens.
+        the rows and W = the prompt columns in use + w. With `pad_to_multiple_of`, W is rounded up
+        to a multiple of it where the rollout has the padding columns (response side first, then
+        prompt side): kernels are built and cached per shape. `num_tokens` counts real tokens.
         """
         rows = torch.as_tensor(rows, dtype=torch.long)
         resp_width = self.response_mask.shape[1]
@@ -85,6 +87,9 @@ class Experience:
         mask = self.attention_mask[rows]
         width = max(int(rmask.sum(1).max()), 1)
         lo = int(mask[:, :prompt_width].argmax(1).min()) if prompt_width else 0
+        from chatforge.data.collate import bucket_span
+
+        lo, width = bucket_span(lo, prompt_width, width, resp_width, pad_to_multiple_of)
         cols = slice(lo, prompt_width + width)
         target = torch.zeros_like(mask)
         target[:, prompt_width:] = rmask

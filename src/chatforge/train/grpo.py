@@ -119,7 +119,7 @@ def sequence_logprobs(model, micro_batches, ctx=None) -> list:
     return out
 
 
-def branched_inputs(gen, sl: slice, width: int) -> dict | None:
+def branched_inputs(gen, sl: slice, width: int, pad_to_multiple_of: int | None = None) -> dict | None:
     """Rows `sl` of a rollout as branched rows: each run of completions with the same prompt becomes
     one row, the prompt once and the responses after it (`collate_branches`), plus where each
     completion's response tokens sit: `response_row` (b,), `response_col` (b, width) into the
@@ -141,7 +141,7 @@ def branched_inputs(gen, sl: slice, width: int) -> dict | None:
         row_of.append(len(groups) - 1)
         starts.append(at)
         at += n
-    batch = collate_branches(groups, pad_id=0)
+    batch = collate_branches(groups, pad_id=0, pad_to_multiple_of=pad_to_multiple_of)
     cols = torch.zeros(len(lengths), width, dtype=torch.long)
     for i, (start, n) in enumerate(zip(starts, lengths)):
         cols[i, :n] = torch.arange(start - 1, start - 1 + n)  # log-probs[t] are those of token t+1
@@ -152,11 +152,15 @@ def branched_inputs(gen, sl: slice, width: int) -> dict | None:
     return batch
 
 
-def micro_batches(gen, advantages, size: int, device, branched: bool = False) -> list[dict]:
+def micro_batches(
+    gen, advantages, size: int, device, branched: bool = False, pad_to_multiple_of: int | None = None
+) -> list[dict]:
     """Split a step's completions into training micro-batches of `size` completions: prompt+response
-    rows, or with `branched` one row per prompt (`branched_inputs`)."""
+    rows, or with `branched` one row per prompt (`branched_inputs`); row widths rounded up to a
+    multiple of `pad_to_multiple_of` where the rollout has the padding columns."""
     import torch
 
+    from chatforge.data.collate import bucket_span
     from chatforge.rl.generate import sequence_inputs
 
     ids, mask, positions = sequence_inputs(gen)
@@ -166,11 +170,14 @@ def micro_batches(gen, advantages, size: int, device, branched: bool = False) ->
         sl = slice(s, s + size)
         rmask = gen.response_mask[sl]
         width = max(int(rmask.sum(1).max()), 1)
-        batch = branched_inputs(gen, sl, width) if branched else None
+        batch = branched_inputs(gen, sl, width, pad_to_multiple_of) if branched else None
         if batch is None:
             # drop columns that are padding in every row: prompt pads on the left, response pads on the right
             lo = int(gen.prompt_mask[sl].argmax(1).min())
-            cols = slice(lo, gen.prompt_ids.shape[1] + width)
+            prompt_width = gen.prompt_ids.shape[1]
+            # a few widths only: kernels are built and cached per shape
+            lo, width = bucket_span(lo, prompt_width, width, gen.response_mask.shape[1], pad_to_multiple_of)
+            cols = slice(lo, prompt_width + width)
             batch = {
                 "input_ids": ids[sl, cols],
                 "attention_mask": mask[sl, cols],
@@ -378,7 +385,9 @@ def learn(trainer, model, ref, gen, adv, cfg: Config, bar, branched: bool = Fals
     g, reduction = cfg.grpo, cfg.train.loss_reduction
     loss_fn = partial(grpo_loss, clip_eps=g.clip_eps, beta=g.beta, reduction=reduction)
     units_fn = partial(grpo_units, reduction=reduction)
-    micro = micro_batches(gen, adv, cfg.train.batch_size, trainer.acc.device, branched)
+    micro = micro_batches(
+        gen, adv, cfg.train.batch_size, trainer.acc.device, branched, cfg.data.pad_to_multiple_of
+    )
     if g.beta:
         ctx, ref_model = reference_context(model, ref)
         with trainer.acc.autocast():

@@ -206,6 +206,7 @@ def run(cfg: Config) -> str:
                 p.forward_batch_size,
                 trainer.acc.device,
                 trainer.acc.autocast,
+                cfg.data.pad_to_multiple_of,
             )
             t3 = time.perf_counter()
             sums: dict[str, float] = {}
@@ -214,7 +215,10 @@ def run(cfg: Config) -> str:
                 order = minibatch_order(len(exp), cfg.train.seed, step, epoch)
                 for lo in range(0, len(exp), p.mini_batch_size):
                     rows = order[lo : lo + p.mini_batch_size]
-                    micro = [exp.batch(rows[i : i + bs], trainer.acc.device) for i in range(0, len(rows), bs)]
+                    micro = [
+                        exp.batch(rows[i : i + bs], trainer.acc.device, cfg.data.pad_to_multiple_of)
+                        for i in range(0, len(rows), bs)
+                    ]
                     if ptx:  # first: DDP syncs on the last micro-batch, which must run the critic too
                         sft = _ptx_batch(ptx, trainer.step, bs, p.ptx_coef, roles.tokenizer, cfg, rank, world)
                         micro.insert(0, trainer._to_device(sft))
