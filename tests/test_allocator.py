@@ -63,26 +63,19 @@ def test_the_command_restarts_once_with_the_library_preloaded(tmp_path):
         "main()\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.MARK)}
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**env, allocator.ENV: lib},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    runs = [line.split() for line in out.splitlines() if line.startswith("RUN")]
+
+    def run(source: str) -> list[list[str]]:
+        done = subprocess.run(
+            [sys.executable, "-c", source], env={**env, allocator.ENV: lib}, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [line.split() for line in done.stdout.splitlines() if line.startswith("RUN")]
+
+    runs = run(code)
     assert runs[0][1:3] == ["None", "None"]
     assert runs[1][1:3] == ["1", lib]
     assert len(runs) == 2
     if "libm.so" not in lib:
         assert runs[1][3] in allocator.KNOWN  # the preloaded malloc is the one running
     # called from Python (not as the command), main never restarts
-    code_in_process = code.replace("main()\n", "main(['data', '--help'])\n")
-    out = subprocess.run(
-        [sys.executable, "-c", code_in_process],
-        env={**env, allocator.ENV: lib},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert sum(line.startswith("RUN") for line in out.splitlines()) == 1
+    assert len(run(code.replace("main()\n", "main(['data', '--help'])\n"))) == 1
