@@ -80,6 +80,8 @@ class Experience:
         to a multiple of it where the rollout has the padding columns (response side first, then
         prompt side): kernels are built and cached per shape. `num_tokens` counts real tokens.
         """
+        from chatforge.data.collate import bucket_span
+
         rows = torch.as_tensor(rows, dtype=torch.long)
         resp_width = self.response_mask.shape[1]
         prompt_width = self.input_ids.shape[1] - resp_width
@@ -87,8 +89,6 @@ class Experience:
         mask = self.attention_mask[rows]
         width = max(int(rmask.sum(1).max()), 1)
         lo = int(mask[:, :prompt_width].argmax(1).min()) if prompt_width else 0
-        from chatforge.data.collate import bucket_span
-
         lo, width = bucket_span(lo, prompt_width, width, resp_width, pad_to_multiple_of)
         cols = slice(lo, prompt_width + width)
         target = torch.zeros_like(mask)
