@@ -90,7 +90,7 @@ def restart_env(env: Mapping[str, str], dirs: list[str] | None = None) -> dict[s
 def restart_with_chosen_malloc() -> None:
     """Replace this process by itself with the chosen malloc preloaded (returns when none applies)."""
     env = restart_env(os.environ)
-    if env is None:
+    if env is None or in_use() != "system":  # none to load, or one is loaded already
         return
     sys.stdout.flush()
     sys.stderr.flush()
