@@ -188,6 +188,28 @@ def test_first_ratio_is_one(experience):
         assert float(m["approx_kl"]) < 1e-10 and float(m["clip_frac"]) == 0.0
 
 
+def test_checkpointed_layers_replay_under_their_own_adapter(tiny_model_dir, tmp_path, jsonl):
+    # actor and critic are adapters on one base: with gradient checkpointing each layer is
+    # recomputed during backward, when the critic (or no role) is active; the gradients must
+    # still be those of the run without checkpointing
+    def grads(*overrides):
+        torch.manual_seed(0)
+        roles, exp = one_rollout(tiny_model_dir, tmp_path / str(len(overrides)), jsonl, *overrides)
+        model = roles.model().train()
+        exp.returns = exp.old_values + 1.0  # a value error, so the critic adapter gets a gradient
+        ppo.ppo_loss(model, exp.batch([0, 1, 2, 3]), None)[0].backward()
+        return roles, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    _, plain = grads()
+    roles, ckpt = grads("model.gradient_checkpointing=true")
+    assert roles.policy.lm.base_model.model.is_gradient_checkpointing
+    assert (
+        set(plain) == set(ckpt) and any(".critic." in n for n in plain) and any(".actor." in n for n in plain)
+    )
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("reduction", ["token", "sequence"])
 def test_accumulation_is_invariant_to_micro_batch_size(experience, reduction):
     roles, exp = experience

@@ -223,6 +223,16 @@ def load_for_training(mcfg, peft_method: str, device=None):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if mcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     return model, tok
+
+
+def enable_checkpointing(model, **kwargs) -> None:
+    """Activation checkpointing on every decoder layer (non-reentrant); `kwargs` go to
+    torch.utils.checkpoint (for instance a `context_fn`)."""
+    kwargs = {"use_reentrant": False, **kwargs}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

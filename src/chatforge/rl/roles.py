@@ -101,6 +101,7 @@ class Roles:
     trainable: tuple = ()  # parameter names that must stay trainable
     critic_mode: str = "adapter"  # "head": the value head reads the actor's hidden states
     _active: str | None = None
+    _disabled: bool = False  # inside use() of a role that runs the bare base
 
     @property
     def peft(self):
@@ -121,18 +122,46 @@ class Roles:
         name = self.adapters.get(role)
         prev = self._active
         if name is None and role in ("ref",):
-            with self.peft.disable_adapter():
-                self._fix_grads()
-                try:
-                    yield
-                finally:
-                    self._fix_grads()
+            with self._bare():
+                yield
             return
         self._activate(name)
         try:
             yield
         finally:
             self._activate(prev)
+
+    @contextlib.contextmanager
+    def _bare(self):
+        with self.peft.disable_adapter():
+            self._fix_grads()
+            self._disabled = True
+            try:
+                yield
+            finally:
+                self._disabled = False
+                self._fix_grads()
+
+    def checkpoint_contexts(self):
+        """`context_fn` for torch.utils.checkpoint in the lean layout: a checkpointed layer is
+        recomputed during backward under the adapter it first ran with, not whichever role is
+        active by then (the actor's layers would otherwise be replayed with the critic's adapter)."""
+        name, bare = self._active, self._disabled
+
+        @contextlib.contextmanager
+        def replay():
+            if bare == self._disabled and (bare or name == self._active):
+                yield
+                return
+            prev = self._active
+            with self._bare() if bare else contextlib.nullcontext():
+                self._activate(name)
+                try:
+                    yield
+                finally:
+                    self._activate(prev)
+
+        return contextlib.nullcontext(), replay()
 
     def _activate(self, name: str | None) -> None:
         if name is None or name == self._active:
@@ -224,7 +253,7 @@ def _lean(cfg, device) -> Roles:
 
     from chatforge.models.adapters import is_adapter_dir, lora_config
     from chatforge.models.heads import ScalarHeadModel, disable_dropout, load_head, normalise_head
-    from chatforge.models.load import load_for_training, load_tokenizer
+    from chatforge.models.load import enable_checkpointing, load_for_training, load_tokenizer
     from chatforge.models.logprobs import LogprobModel
     from chatforge.rl.rewards import ModelReward
 
@@ -316,6 +345,8 @@ def _lean(cfg, device) -> Roles:
     roles._active = "actor"
     peft.base_model.set_adapter("actor", inference_mode=True)
     roles._fix_grads()
+    if cfg.model.gradient_checkpointing:  # after any earlier enabling (QLoRA's), with the adapter replay
+        enable_checkpointing(lm, context_fn=roles.checkpoint_contexts)
     return roles
 
 
@@ -348,7 +379,7 @@ def load_full(path: str, dtype, device, mcfg):
 def _separate(cfg, device) -> Roles:
     from chatforge.models.adapters import apply_peft
     from chatforge.models.heads import ScalarHeadModel, disable_dropout
-    from chatforge.models.load import load_tokenizer, resolve_dtype
+    from chatforge.models.load import enable_checkpointing, load_tokenizer, resolve_dtype
     from chatforge.models.logprobs import LogprobModel
     from chatforge.rl.rewards import ModelReward
 
@@ -371,7 +402,7 @@ def _separate(cfg, device) -> Roles:
         disable_dropout(m)
     if cfg.model.gradient_checkpointing:
         for m in (actor, critic_lm):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(m)
     if lora:  # four separate models with adapters: the baseline the lean layout is measured against
         actor = apply_peft(actor, cfg.peft, cfg.model.gradient_checkpointing, dropout=0.0)
         critic_lm = (
