@@ -63,6 +63,32 @@ def read_metrics(path):
     return [json.loads(line) for line in open(path / "metrics.jsonl")]
 
 
+def test_a_loss_in_parts_is_backwarded_part_by_part(tmp_path, tokenizer):
+    # a loss_fn may yield (loss, metrics) parts: each is backwarded before the next part's forward
+    # runs, and the step equals the one on the summed loss
+    data = items(4)
+    a, _ = make_trainer(tmp_path / "a", tokenizer)
+    b, _ = make_trainer(tmp_path / "b", tokenizer)
+    grads, seen = {}, []
+    for name, t in (("a", a), ("b", b)):
+        t.optimizer.step = lambda t=t, name=name: grads.setdefault(
+            name, {n: p.grad.clone() for n, p in t.model.named_parameters()}
+        )
+
+    def halves(model, batch, normalizer):
+        for rows in (slice(0, 2), slice(2, 4)):
+            seen.append(any(p.grad is not None for p in model.parameters()))
+            loss, metrics = loss_fn(model, {k: v[rows] for k, v in batch.items()}, normalizer)
+            yield loss, {f"nll{rows.start}": metrics["nll"]}
+
+    ma = a.train_step([collate(data)], loss_fn, units_fn)
+    mb = b.train_step([collate(data)], halves, units_fn)
+    assert seen == [False, True]  # the first half's backward ran before the second half's forward
+    assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5) and {"nll0", "nll2"} <= set(mb)
+    for n, g in grads["a"].items():
+        torch.testing.assert_close(grads["b"][n], g, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_grad_accumulation_equals_big_batch(tmp_path, tokenizer):
     data = items(8)
     a, _ = make_trainer(tmp_path / "a", tokenizer, batch_size=4, grad_accum=1)

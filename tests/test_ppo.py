@@ -8,7 +8,7 @@ import torch
 
 from chatforge.config import GenerateConfig, load_config
 from chatforge.errors import ChatforgeError, ConfigError, DataError
-from chatforge.train import ppo
+from chatforge.train import loop, ppo
 from conftest import one_and_two_processes
 from test_roles import CPU, make_adapter, roles_config  # tests/ is on sys.path (rootdir conftest)
 
@@ -202,12 +202,56 @@ def test_checkpointed_layers_replay_under_their_own_adapter(tiny_model_dir, tmp_
 
     _, plain = grads()
     roles, ckpt = grads("model.gradient_checkpointing=true")
-    assert roles.policy.lm.base_model.model.is_gradient_checkpointing
+    assert roles.policy.lm.base_model.model.is_activation_checkpointing
     assert (
         set(plain) == set(ckpt) and any(".critic." in n for n in plain) and any(".actor." in n for n in plain)
     )
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes of tensors autograd holds for backward, and their peak, while active."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+        meter = self
+
+        class Held:
+            def __init__(self, t):
+                self.t, self.n = t, t.numel() * t.element_size()
+                meter.live += self.n
+                meter.peak = max(meter.peak, meter.live)
+
+            def __del__(self):
+                meter.live -= self.n
+
+        super().__init__(Held, lambda held: held.t)
+
+
+def test_split_loss_frees_the_actor_graph_before_the_critic_runs(experience):
+    roles, exp = experience
+    model = roles.model().train()
+    exp.returns = exp.old_values + 1.0
+    b = exp.batch([0, 1, 2, 3])
+
+    def run(split):
+        model.zero_grad(set_to_none=True)
+        losses, metrics, saved = [], {}, SavedBytes()
+        with saved:
+            for loss, m in loop.loss_parts(ppo.ppo_loss(model, b, None, split=split)):
+                loss.backward()
+                losses.append(float(loss))
+                metrics.update({k: float(v) for k, v in m.items()})
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return sum(losses), metrics, grads, saved.peak
+
+    joint, split = run(False), run(True)
+    assert split[0] == pytest.approx(joint[0], rel=1e-6) and split[1] == pytest.approx(joint[1], rel=1e-6)
+    assert set(split[2]) == set(joint[2]) and any(".critic." in n for n in joint[2])
+    for n, g in joint[2].items():
+        torch.testing.assert_close(split[2][n], g, rtol=1e-5, atol=1e-7, msg=n)
+    assert split[3] < 0.75 * joint[3]  # one role's activations alive at a time, not both
 
 
 @pytest.mark.parametrize("reduction", ["token", "sequence"])

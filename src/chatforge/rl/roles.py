@@ -63,23 +63,30 @@ class PPOModel(nn.Module):
         target_mask,
         values: bool = True,
         with_entropy: bool = True,
+        part: str | None = None,
     ):
         """(logps, entropy, values) for one batch, each (B, T-1) and aligned: position t predicts
         token t+1 and values[:, t] is the value of the state that token is sampled from. With
         values=False (an SFT micro-batch) the critic does not run and values is None; entropy is
-        None unless asked for.
+        None unless asked for. part="actor" runs the actor alone (values None), part="critic" the
+        critic alone (logps and entropy None), for a loss backwarded one role at a time.
 
         Everything the PPO loss needs goes through this one call, so DDP sees it and syncs gradients;
         experience collection uses it too.
         """
         args = (input_ids, attention_mask, position_ids, target_mask)
         head = self.roles.critic_mode == "head"
+        if part == "critic":
+            with self.roles.use("critic"):
+                return None, None, self.critic(*args[:3])[:, :-1]
         with self.roles.use("actor"):
             if not values:
                 return self.policy(*args)[0], None, None
             out = self.policy(*args, with_entropy=with_entropy, return_hidden=head)
         if head:  # the value head learns on the actor's features; the actor is not moved by it
             return out[0], out[1], self.critic.read(out[2].detach())
+        if part == "actor":
+            return out[0], out[1], None
         with self.roles.use("critic"):
             return out[0], out[1], self.critic(*args[:3])[:, :-1]
 

@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,13 @@ import torch
 from chatforge.errors import ChatforgeError
 
 LossFn = Callable[[Any, dict, float | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def loss_parts(out) -> Iterator[tuple[torch.Tensor, dict]]:
+    """A loss_fn returns (loss, metrics), or yields several of them: a loss in parts whose graphs
+    share no activations (PPO's actor and critic adapters). The trainer runs backward on each part
+    before asking for the next, so only one part's activations are alive at a time."""
+    return iter([out]) if isinstance(out, tuple) else out
 
 
 def lr_lambda(scheduler: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -151,11 +158,11 @@ class Trainer:
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
-                loss, metrics = loss_fn(self.model, batch, normalizer)
-                self.acc.backward(loss)
-            loss_total += float(loss.detach())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * units[i]
+                for loss, metrics in loss_parts(loss_fn(self.model, batch, normalizer)):
+                    self.acc.backward(loss)
+                    loss_total += float(loss.detach())
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * units[i]
             self._tokens += batch_tokens(batch)
         grad_norm = None
         if self.cfg.max_grad_norm > 0:
@@ -181,8 +188,11 @@ class Trainer:
         for batch in batches:
             n = units_fn(batch)
             with self.acc.autocast():
-                loss, metrics = loss_fn(self.model, batch, None)
-            for k, v in {"loss": loss, **metrics}.items():
+                parts = list(loss_parts(loss_fn(self.model, batch, None)))
+            merged = {"loss": sum(float(loss) for loss, _ in parts)}
+            for _, metrics in parts:
+                merged.update(metrics)
+            for k, v in merged.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             total += n
         total = self.global_sum(total)

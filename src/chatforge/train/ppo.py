@@ -32,12 +32,16 @@ from pathlib import Path
 from chatforge.config import Config
 
 
-def ppo_loss(model, batch, normalizer, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.5, reduction="token"):
+def ppo_loss(
+    model, batch, normalizer, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.5, reduction="token", split=False
+):
     """Clipped policy loss + vf_coef * clipped value loss on one micro-batch (an `Experience.batch`).
 
     A batch with `ptx` set is an SFT micro-batch instead: ptx_coef * its token-mean NLL.
+    split=True (a critic adapter) yields the policy part and then the value part, each backwarded
+    before the next runs (`loop.loss_parts`): the same gradients with one role's activations alive
+    at a time instead of both.
     """
-    from chatforge.losses.policy import ppo_policy_loss, value_loss
     from chatforge.losses.reduce import masked_mean
 
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
@@ -46,26 +50,56 @@ def ppo_loss(model, batch, normalizer, clip_eps=0.2, value_clip_eps=0.2, vf_coef
         logps, _, _ = model(ids, mask, pos, target, values=False)
         nll = masked_mean(-logps, target[:, 1:])
         return batch["ptx"] * nll, {}
+    policy = partial(_policy_part, batch=batch, clip_eps=clip_eps, reduction=reduction, normalizer=normalizer)
+    value = partial(
+        _value_part, batch=batch, clip_eps=value_clip_eps, reduction=reduction, normalizer=normalizer
+    )
+    args = (ids, mask, pos, batch["target_mask"])
+    if split:
+        return _ppo_parts(model, args, policy, value, vf_coef)
+    logps, entropy, values = model(*args)
+    pg, metrics = policy(logps, entropy)
+    vl, vmetrics = value(values)
+    return pg + vf_coef * vl, {**metrics, **vmetrics}
+
+
+def _ppo_parts(model, args, policy, value, vf_coef):
+    logps, entropy, _ = model(*args, part="actor")
+    yield policy(logps, entropy)
+    _, _, values = model(*args, part="critic")
+    vl, metrics = value(values)
+    yield vf_coef * vl, metrics
+
+
+def _policy_part(logps, entropy, batch, clip_eps, reduction, normalizer):
+    from chatforge.losses.policy import ppo_policy_loss
+    from chatforge.losses.reduce import masked_mean
+
     rmask = batch["response_mask"]
     w = rmask.shape[1]
-    logps, entropy, values = model(ids, mask, pos, batch["target_mask"])
-    logp, values = logps[:, -w:], values[:, -w:]
+    logp = logps[:, -w:]
     pg, metrics = ppo_policy_loss(
         logp, batch["old_logp"], batch["advantages"], rmask, clip_eps, reduction, normalizer
     )
-    vl, vmetrics = value_loss(
-        values, batch["old_values"], batch["returns"], rmask, value_clip_eps, reduction, normalizer
-    )
-    metrics.update(vmetrics)
-    with_mean = partial(
-        value_loss, values.detach(), batch["old_values"], batch["returns"], rmask, value_clip_eps
-    )
-    metrics["value_loss"] = with_mean()[0]
     metrics["policy_loss"] = ppo_policy_loss(
         logp.detach(), batch["old_logp"], batch["advantages"], rmask, clip_eps
     )[0]
     metrics["entropy"] = masked_mean(entropy[:, -w:], rmask)
-    return pg + vf_coef * vl, metrics
+    return pg, metrics
+
+
+def _value_part(values, batch, clip_eps, reduction, normalizer):
+    from chatforge.losses.policy import value_loss
+
+    rmask = batch["response_mask"]
+    values = values[:, -rmask.shape[1] :]
+    vl, metrics = value_loss(
+        values, batch["old_values"], batch["returns"], rmask, clip_eps, reduction, normalizer
+    )
+    metrics["value_loss"] = value_loss(
+        values.detach(), batch["old_values"], batch["returns"], rmask, clip_eps
+    )[0]
+    return vl, metrics
 
 
 def ppo_units(batch, reduction: str = "token") -> int:
@@ -178,8 +212,16 @@ def run(cfg: Config) -> str:
         _truncate_metrics(out / "samples.jsonl", trainer.step)
         log(f"resumed from PPO step {start}")
     reduction = cfg.train.loss_reduction
+    # a critic adapter learns in its own backward pass after the actor's; DDP wants one backward
+    # per forward, so several processes keep the joint loss
+    split = roles.critic_mode == "adapter" and world == 1
     loss_fn = partial(
-        ppo_loss, clip_eps=p.clip_eps, value_clip_eps=p.value_clip_eps, vf_coef=p.vf_coef, reduction=reduction
+        ppo_loss,
+        clip_eps=p.clip_eps,
+        value_clip_eps=p.value_clip_eps,
+        vf_coef=p.vf_coef,
+        reduction=reduction,
+        split=split,
     )
     units_fn = partial(ppo_units, reduction=reduction)
     bs = cfg.train.batch_size
