@@ -211,15 +211,15 @@ def main() -> None:
     results = {}
     for gc in {"both": (False, True), "off": (False,), "on": (True,)}[args.grad_ckpt]:
         for i, (key, (name, template, kw)) in enumerate(runs.items()):
-            if key not in wanted or (gc and key == "lean" and not args.only):
-                continue  # the critic-adapter layout: once, without
+            if key not in wanted:
+                continue
             label = name + (" + grad ckpt" if gc else "")
             results[label] = run_child(code(template, gc=gc, out=work / f"run{int(gc)}{i}", **kw), python=PY)
     gen = run_child(code(GENERATE, gc=False, out=work / "gen"), python=PY) if "gen" in wanted else {}
     print(json.dumps({**results, "generation": gen}, indent=1))
     if args.no_write:
         return
-    lean, sep, head, sft, sep_gc, head_gc, sft_gc = results.values()
+    lean, sep, head, sft, lean_gc, sep_gc, head_gc, sft_gc = results.values()
 
     def ratio(a: dict, b: dict) -> str:
         above = (a["peak_rss_gib"] - a["start_rss_gib"]) / (b["peak_rss_gib"] - b["start_rss_gib"])
@@ -247,10 +247,11 @@ def main() -> None:
         *rows,
         "",
         f"Lean/four models: {ratio(lean, sep)}; lean PPO/SFT: {ratio(lean, sft)} (goals <= 0.5x and <= 1.3x).",
-        f"With ppo.critic=head: {ratio(head, sep)} of four models, {ratio(head, sft)} of SFT; step "
+        f"With gradient checkpointing: lean/four models {ratio(lean_gc, sep_gc)}; lean PPO/SFT "
+        f"{ratio(lean_gc, sft_gc)}.",
+        f"With ppo.critic=head: {ratio(head, sep)} of four models, {ratio(head, sft)} of SFT "
+        f"(with checkpointing {ratio(head_gc, sep_gc)} and {ratio(head_gc, sft_gc)}); step "
         f"{lean['step_s'] / head['step_s']:.2f}x faster than the lean layout with a critic adapter.",
-        f"With gradient checkpointing (every run's activations a small part): head critic / four models "
-        f"{ratio(head_gc, sep_gc)}; / SFT {ratio(head_gc, sft_gc)}.",
         "",
         f"Rollout generation at batch {ROLLOUT}: chatforge {gen['chatforge_tok_s']:.1f} tok/s (actor adapter on), "
         f"bare transformers generate {gen['transformers_tok_s']:.1f} tok/s (base model): "

@@ -64,11 +64,16 @@ def ppo_loss(
 
 
 def _ppo_parts(model, args, policy, value, vf_coef):
-    logps, entropy, _ = model(*args, part="actor")
-    yield policy(logps, entropy)
-    _, _, values = model(*args, part="critic")
-    vl, metrics = value(values)
-    yield vf_coef * vl, metrics
+    # each part's backward runs while its role is still active, so checkpointed layers are
+    # recomputed without switching adapters back and forth
+    roles = model.roles
+    with roles.use("actor"):
+        logps, entropy, _ = model(*args, part="actor")
+        yield policy(logps, entropy)
+    with roles.use("critic"):
+        _, _, values = model(*args, part="critic")
+        vl, metrics = value(values)
+        yield vf_coef * vl, metrics
 
 
 def _policy_part(logps, entropy, batch, clip_eps, reduction, normalizer):
