@@ -7,7 +7,8 @@ what it ever holds live. jemalloc, mimalloc and tcmalloc keep far less. Measured
 jemalloc or mimalloc, and no slower steps (docs/benchmarks.md has the full tables).
 
 So the `chatforge` command restarts itself once, at start-up and before torch is imported, with
-such a library in LD_PRELOAD when the system has one (Debian/Ubuntu: `apt install libjemalloc2`).
+such a library in LD_PRELOAD when the environment's lib dir or the system has one (`make install`
+fetches jemalloc into the venv on Debian/Ubuntu; `apt install libjemalloc2` installs it system-wide).
 `CHATFORGE_MALLOC` chooses:
 
     auto      (default) the first of jemalloc, mimalloc, tcmalloc found; glibc's when none is
@@ -113,4 +114,4 @@ def describe() -> str:
         return f"malloc: {name} ({ENV}=system for glibc's)"
     if not sys.platform.startswith("linux") or os.environ.get(ENV, "").strip() == "system":
         return "malloc: the system's"
-    return "malloc: glibc's; a CPU run holds less memory with jemalloc installed (apt install libjemalloc2)"
+    return "malloc: glibc's; a CPU run holds less memory with jemalloc (make malloc, or apt install libjemalloc2)"
