@@ -5,7 +5,9 @@ them, and `rl.experience` turns them into per-token rewards (score at the last t
 kl_coef x KL to the reference), values and GAE advantages. Then `ppo.ppo_epochs` passes over the
 rollout in shuffled minibatches of `ppo.mini_batch_size`, one optimizer step each (micro-batches of
 `train.batch_size`), on the clipped policy loss + vf_coef x the clipped value loss (+ ptx_coef x
-an SFT loss on `ppo.ptx_data`). The KL coefficient is fixed or adaptive (`ppo.kl_target`).
+an SFT loss on `ppo.ptx_data`). In one process a critic of its own (adapter or model) learns in
+a second backward pass after the actor's, so only one role's activations are held at a time. The
+KL coefficient is fixed or adaptive (`ppo.kl_target`).
 
     step:  prompts -> generate -> score -> experience -> [minibatch updates] x ppo_epochs
 
@@ -38,7 +40,7 @@ def ppo_loss(
     """Clipped policy loss + vf_coef * clipped value loss on one micro-batch (an `Experience.batch`).
 
     A batch with `ptx` set is an SFT micro-batch instead: ptx_coef * its token-mean NLL.
-    split=True (a critic adapter) yields the policy part and then the value part, each backwarded
+    split=True (a critic with its own adapter or model) yields the policy part and then the value part, each backwarded
     before the next runs (`loop.loss_parts`): the same gradients with one role's activations alive
     at a time instead of both.
     """
@@ -217,8 +219,8 @@ def run(cfg: Config) -> str:
         _truncate_metrics(out / "samples.jsonl", trainer.step)
         log(f"resumed from PPO step {start}")
     reduction = cfg.train.loss_reduction
-    # a critic adapter learns in its own backward pass after the actor's; DDP wants one backward
-    # per forward, so several processes keep the joint loss
+    # a critic of its own (adapter or model) learns in a backward pass after the actor's; DDP
+    # wants one backward per forward, so several processes keep the joint loss
     split = roles.critic_mode == "adapter" and world == 1
     loss_fn = partial(
         ppo_loss,
