@@ -188,20 +188,22 @@ def test_first_ratio_is_one(experience):
         assert float(m["approx_kl"]) < 1e-10 and float(m["clip_frac"]) == 0.0
 
 
-def test_checkpointed_layers_replay_under_their_own_adapter(tiny_model_dir, tmp_path, jsonl):
+@pytest.mark.parametrize("split", [False, True])
+def test_checkpointed_layers_replay_under_their_own_adapter(tiny_model_dir, tmp_path, jsonl, split):
     # actor and critic are adapters on one base: with gradient checkpointing each layer is
-    # recomputed during backward, when the critic (or no role) is active; the gradients must
-    # still be those of the run without checkpointing
-    def grads(*overrides):
+    # recomputed during backward, when the critic (or no role) may be active; the gradients must
+    # still be those of the run without checkpointing, for the joint loss and the split one
+    def grads(*overrides, split=False):
         torch.manual_seed(0)
         roles, exp = one_rollout(tiny_model_dir, tmp_path / str(len(overrides)), jsonl, *overrides)
         model = roles.model().train()
         exp.returns = exp.old_values + 1.0  # a value error, so the critic adapter gets a gradient
-        ppo.ppo_loss(model, exp.batch([0, 1, 2, 3]), None)[0].backward()
+        for loss, _ in loop.loss_parts(ppo.ppo_loss(model, exp.batch([0, 1, 2, 3]), None, split=split)):
+            loss.backward()
         return roles, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     _, plain = grads()
-    roles, ckpt = grads("model.gradient_checkpointing=true")
+    roles, ckpt = grads("model.gradient_checkpointing=true", split=split)
     assert roles.policy.lm.base_model.model.is_activation_checkpointing
     assert (
         set(plain) == set(ckpt) and any(".critic." in n for n in plain) and any(".actor." in n for n in plain)
@@ -241,7 +243,7 @@ def test_split_loss_frees_the_actor_graph_before_the_critic_runs(experience):
         with saved:
             for loss, m in loop.loss_parts(ppo.ppo_loss(model, b, None, split=split)):
                 loss.backward()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 metrics.update({k: float(v) for k, v in m.items()})
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         return sum(losses), metrics, grads, saved.peak
