@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from chatforge.config import TrainConfig
+from chatforge.errors import ChatforgeError
 from chatforge.models.logprobs import LogprobModel
 from chatforge.models.tiny import tiny_model
 from chatforge.train.loop import Trainer, epoch_order, steps_for
@@ -86,7 +87,8 @@ def test_a_loss_in_parts_is_backwarded_part_by_part(tmp_path, tokenizer):
     assert seen == [False, True]  # the first half's backward ran before the second half's forward
     assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5) and {"nll0", "nll2"} <= set(mb)
     for n, g in grads["a"].items():
-        torch.testing.assert_close(grads["b"][n], g, rtol=1e-4, atol=1e-7, msg=n)
+        # float32 sums in another order: ~1e-7 apart on gradients of ~0.6
+        torch.testing.assert_close(grads["b"][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_grad_accumulation_equals_big_batch(tmp_path, tokenizer):
@@ -160,11 +162,15 @@ def test_too_little_data_is_a_clear_error():
         steps_for(3, TrainConfig(batch_size=4))
 
 
-def test_a_fresh_run_in_a_used_dir_replaces_the_old_metrics(tmp_path, tokenizer):
-    for _ in range(2):
-        trainer, _ = make_trainer(tmp_path, tokenizer, batch_size=4, max_steps=3)
-        trainer.fit(items(), collate, loss_fn, units_fn)
-    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+def test_a_fresh_run_in_a_used_dir_is_refused_unless_told_to_overwrite(tmp_path, tokenizer):
+    trainer, _ = make_trainer(tmp_path, tokenizer, batch_size=4, max_steps=3)
+    trainer.fit(items(), collate, loss_fn, units_fn)
+    with pytest.raises(ChatforgeError, match="train.overwrite=true"):
+        make_trainer(tmp_path, tokenizer, batch_size=4, max_steps=2)
+    trainer, _ = make_trainer(tmp_path, tokenizer, batch_size=4, max_steps=2, overwrite=True)
+    trainer.fit(items(), collate, loss_fn, units_fn)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+    assert [p.name for p in trainer.checkpoints()] == ["step-2"]  # the other run's step-3 is gone
 
 
 def test_one_process_can_run_stages_with_different_precision(tmp_path, tokenizer):

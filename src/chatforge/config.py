@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,8 +113,11 @@ class TrainConfig:
     log_every: int = opt(1, "log metrics every N steps")
     eval_every: int = opt(0, "evaluate every N steps; 0 = only at the end")
     save_every: int = opt(0, "checkpoint every N steps; 0 = only at the end")
-    keep_last: int = opt(2, "checkpoints to keep")
-    resume: bool = opt(False, "continue from the newest checkpoint in output_dir")
+    keep_last: int = opt(2, "checkpoints to keep (at least 1)")
+    resume: bool = opt(False, "continue from the newest checkpoint in output_dir (refused if its config differs)")
+    overwrite: bool = opt(
+        False, "start afresh in an output_dir that holds another run's checkpoints (deletes them)"
+    )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     progress: bool = opt(True, "show a progress bar")
 
@@ -271,6 +276,11 @@ _RULES = [
     ("train.max_steps", lambda v: v >= 0, "0 or a positive integer"),
     ("train.epochs", lambda v: v > 0, "a positive number"),
     ("train.lr", lambda v: v > 0, "a positive number"),
+    ("train.log_every", lambda v: v > 0, "a positive integer"),
+    ("train.eval_every", lambda v: v >= 0, "0 or a positive integer"),
+    ("train.save_every", lambda v: v >= 0, "0 or a positive integer"),
+    ("train.keep_last", lambda v: v >= 1, "at least 1 (the newest checkpoint is what a resume needs)"),
+    ("train.device", lambda v: _DEVICE.match(v) is not None, "auto, cpu, cuda, cuda:N, mps or xpu[:N]"),
     ("train.warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("peft.r", lambda v: v > 0, "a positive integer"),
     ("peft.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -280,6 +290,9 @@ _RULES = [
     ("generate.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("grpo.num_generations", lambda v: v >= 2, "at least 2 (groups need two answers to compare)"),
 ]
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -331,6 +344,8 @@ def _coerce(key: str, value: Any, tp: Any, choices: tuple | None) -> Any:
     if not ok:
         raise ConfigError(f"{key} must be {_type_name(tp)} (got {value!r})")
     value = float(value) if tp is float else str(value) if tp is str else value
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number (got {value!r})")
     if choices and value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))} (got {value!r})")
     return value

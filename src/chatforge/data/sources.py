@@ -109,6 +109,16 @@ def _object(where: str, value) -> dict | DataError:
     return DataError(f"{where}: expected a JSON object {{...}}, got {type(value).__name__}")
 
 
+def _json_error(where: str, e: json.JSONDecodeError) -> DataError:
+    """`where: invalid JSON (what at column N)`; json's own text for an open string ends in "at".
+
+    >>> str(_json_error("x.jsonl:3", json.JSONDecodeError("Unterminated string starting at", '{"a', 1)))
+    'x.jsonl:3: invalid JSON (Unterminated string at column 2)'
+    """
+    what = e.msg.removesuffix(" at").removesuffix(" starting")
+    return DataError(f"{where}: invalid JSON ({what} at column {e.colno})")
+
+
 def _jsonl(p: Path, name: str) -> Iterator[tuple[str, dict | DataError]]:
     # Bytes, decoded line by line, so that a bad byte is reported on its own line.
     with open(p, "rb") as f:
@@ -124,30 +134,40 @@ def _jsonl(p: Path, name: str) -> Iterator[tuple[str, dict | DataError]]:
             try:
                 yield where, _object(where, json.loads(line))
             except json.JSONDecodeError as e:
-                yield where, DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                yield where, _json_error(where, e)
+
+
+def _decode(p: Path, name: str) -> str:
+    """A whole file as text; a bad byte is a one-line error naming its line and place."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{name}:{line}: not valid UTF-8 (byte {e.start - line_start + 1} of the line)") from None
 
 
 def _json(p: Path, name: str) -> Iterator[tuple[str, dict | DataError]]:
-    with open(p, encoding="utf-8-sig") as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith("["):
+    with open(p, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
         # Many datasets ship JSON Lines under a .json name.
         yield from _jsonl(p, name)
         return
     try:
-        with open(p, encoding="utf-8-sig") as f:
-            items = json.load(f)
+        items = json.loads(_decode(p, name))
     except json.JSONDecodeError as e:
-        raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{name}: not valid UTF-8") from None
+        raise _json_error(f"{name}:{e.lineno}", e) from None
     for n, item in enumerate(items, 1):
         where = f"{name}:item {n}"
         yield where, _object(where, item)
 
 
 def _csv(p: Path, name: str) -> Iterator[tuple[str, dict | DataError]]:
-    with open(p, encoding="utf-8-sig", newline="") as f:
+    import io
+
+    with io.StringIO(_decode(p, name), newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return
@@ -166,11 +186,7 @@ def _csv(p: Path, name: str) -> Iterator[tuple[str, dict | DataError]]:
 
 
 def _txt(p: Path, name: str) -> Iterator[tuple[str, dict | DataError]]:
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(f"{name}: not valid UTF-8") from None
-    yield f"{name}:1", {"text": text}
+    yield f"{name}:1", {"text": _decode(p, name)}
 
 
 def _parquet(p: Path, name: str) -> Iterator[tuple[str, dict | DataError]]:

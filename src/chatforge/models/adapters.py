@@ -33,10 +33,32 @@ def default_target_modules(model) -> list[str] | str:
     return "all-linear"
 
 
+def check_target_modules(model, targets: list[str]) -> None:
+    """Each `peft.target_modules` entry names modules of `model` (a leaf name or a dotted suffix,
+    as peft matches them), else a one-line error listing the linear layers there are."""
+    import torch
+
+    from chatforge.errors import ConfigError
+
+    names = [n for n, _ in model.named_modules() if n]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            )
+            kind = getattr(model.config, "model_type", "this")
+            raise ConfigError(
+                f"peft.target_modules: no module named {target!r} in this {kind} model; "
+                f"its linear layers are {', '.join(linear)}"
+            )
+
+
 def lora_config(pcfg, model, dropout: float | None = None):
     from peft import LoraConfig, TaskType
 
     targets = list(pcfg.target_modules) or default_target_modules(model)
+    if pcfg.target_modules:
+        check_target_modules(model, targets)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=pcfg.r,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -63,6 +64,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: the conversion cache's key, so two different files of one name
+    and size never share a converted model (about 0.2 s for a 100 MB GGUF)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def resolve_model_path(path: str) -> str:
     """Turn `model.path` into something `from_pretrained` takes; converts GGUF files once."""
     if path == "default":
@@ -75,7 +88,7 @@ def resolve_model_path(path: str) -> str:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ConfigError(f"model.path: {p} does not exist")
-        out = cache_dir() / "models" / f"{p.stem}-{p.stat().st_size}"
+        out = cache_dir() / "models" / f"{p.stem}-{file_digest(p)[:16]}"
         if not (out / "config.json").is_file():
             convert_gguf(p, out)
         return str(out)
@@ -88,6 +101,28 @@ def resolve_model_path(path: str) -> str:
     raise ConfigError(f"model.path: {path} does not exist")
 
 
+@contextlib.contextmanager
+def loading(path: str, what: str = "model"):
+    """Turn the errors of `from_pretrained` on a bad `model.path` into one line: a hub id that is
+    not in the local cache (offline), a damaged weights file, a broken config."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        if _HUB_ID.match(path) and not Path(path).exists():
+            raise ConfigError(
+                f"model.path: {path} is not a local folder and could not be loaded as a hub id "
+                "(offline? only models already in the local cache load): give a local model dir"
+            ) from None
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ConfigError(f"model.path: {path}: could not load the {what} ({first[:300]})") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # a damaged .safetensors file
+            raise
+        raise ConfigError(f"model.path: {path}: a weights file is damaged ({e})") from None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer with a pad token and a chat template (ChatML fallback)."""
     from transformers import AutoTokenizer
@@ -97,7 +132,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     p = Path(path)
     # adapter and checkpoint dirs carry the tokenizer without a model config.json
     source = str(p) if (p / "tokenizer_config.json").is_file() else resolve_model_path(path)
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with loading(path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         # Padding positions are masked out everywhere, so reusing EOS as pad is safe.
         tok.pad_token = tok.eos_token
@@ -162,13 +198,14 @@ def load_model(
 
     hf_logging.disable_progress_bar()
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
-        except ValueError as e:
-            if "attn_implementation" not in kw or "does not support" not in str(e):
-                raise
-            kw["attn_implementation"] = "eager"  # e.g. BLOOM has no SDPA path
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
+        with loading(path):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
+            except ValueError as e:
+                if "attn_implementation" not in kw or "does not support" not in str(e):
+                    raise
+                kw["attn_implementation"] = "eager"  # e.g. BLOOM has no SDPA path
+                model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kw)
     finally:
         hf_logging.enable_progress_bar()
     if quantize_4bit:

@@ -149,6 +149,8 @@ def resolve(spec: str) -> RewardFn:
             module = importlib.import_module(where)
         except ImportError as e:
             raise ConfigError(f"reward function '{spec}': cannot import {where} ({e})") from e
+        except Exception as e:  # the user's module raised while it was imported
+            raise ChatforgeError(f"reward function '{spec}': importing {where} failed: {e!r}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ConfigError(f"reward function '{spec}': {where} has no function {name}")

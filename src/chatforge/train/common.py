@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.config import Config, save_config
@@ -23,17 +24,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class PendingRun:
+    """What a stage writes into its output dir once its Trainer exists (the run is then known to
+    start): the effective config, the stage name, and the run's identity for its checkpoints."""
+
+    cfg: Config
+    stage: str
+
+    @property
+    def identity(self) -> dict:
+        from chatforge.config import to_flat
+        from chatforge.train.checkpoint import identity
+
+        return identity({"stage": self.stage, **to_flat(self.cfg)})
+
+    def write(self, out: Path) -> None:
+        save_config(self.cfg, out / "config.yaml")
+        (out / "stage").write_text(self.stage + "\n")
+
+
+_pending: dict[Path, PendingRun] = {}
+
+
 def start_run(cfg: Config, stage: str) -> Path:
-    """Create the output dir, write the effective config and seed every RNG (before models exist)."""
+    """Check the output dir can be written and seed every RNG (before models exist). Nothing is
+    written yet: the stage's `Trainer` writes the config once the model and data are loaded and
+    checked, so a run that fails before that leaves the dir (and an earlier run's files) as it was."""
     from chatforge import allocator
 
     seed_everything(cfg.train.seed)
     log(allocator.describe())
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    (out / "stage").write_text(stage + "\n")
+    check_output_dir(out)
+    _pending[out.resolve()] = PendingRun(cfg, stage)
     return out
+
+
+def pending_run(out: Path) -> PendingRun | None:
+    """The run `start_run` registered for `out` (taken once), or None (a Trainer built directly)."""
+    return _pending.pop(Path(out).resolve(), None)
+
+
+def check_output_dir(out: Path) -> None:
+    """`train.output_dir` is a folder (or can be made one) that this process may write."""
+    from chatforge.errors import ConfigError
+
+    for p in [out, *out.parents]:
+        if p.exists():
+            break
+    if not p.is_dir():
+        raise ConfigError(f"train.output_dir: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir: {p} is not writable (read-only file system or no permission)")
 
 
 def log(msg: str) -> None:
@@ -44,10 +87,10 @@ def log(msg: str) -> None:
 def build_policy(cfg: Config, dropout: float | None = None):
     """(LogprobModel around the causal LM with its adapter applied, tokenizer)."""
     from chatforge.models.adapters import apply_peft, trainable_summary
-    from chatforge.models.load import load_for_training
+    from chatforge.models.load import load_for_training, pick_device
     from chatforge.models.logprobs import LogprobModel
 
-    lm, tok = load_for_training(cfg.model, cfg.peft.method)
+    lm, tok = load_for_training(cfg.model, cfg.peft.method, pick_device(cfg.train.device))
     lm = apply_peft(lm, cfg.peft, cfg.model.gradient_checkpointing, dropout=dropout)
     log(f"model {cfg.model.path} ({lm.dtype}, peft={cfg.peft.method}); {trainable_summary(lm)}")
     return LogprobModel(lm), tok

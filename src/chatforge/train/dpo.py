@@ -192,6 +192,7 @@ def run(cfg: Config) -> str:
     from chatforge.errors import ConfigError
     from chatforge.losses.preference import REFERENCE_FREE
     from chatforge.models.heads import disable_dropout
+    from chatforge.models.load import load_tokenizer
     from chatforge.train.common import build_policy, log, save_lm, start_run
     from chatforge.train.loop import Trainer, steps_for
 
@@ -199,9 +200,10 @@ def run(cfg: Config) -> str:
         raise ConfigError("data.train is empty: give at least one preference file")
     check_dpo_config(cfg.dpo)
     start_run(cfg, "dpo")
+    # the data is checked before the model loads: a bad record fails in seconds
+    items, eval_items = load_pairs(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
     model, tok = build_policy(cfg, dropout=0.0)
     disable_dropout(model.lm)
-    items, eval_items = load_pairs(cfg, tok)
     collate = pair_collate(cfg, model.lm, tok.pad_token_id)
     adapters = cfg.peft.method != "none"
     reference = None

@@ -7,9 +7,14 @@ and hands each loss the global count as `normalizer`, so 4 micro-batches of 1 gi
 gradient of 1 micro-batch of 4, and 2 processes give the step of 1 process at the same global batch.
 
 Checkpoints (`OUTPUT/checkpoints/step-N/`) hold the trainable weights, optimizer, scheduler, RNG
-states and the stage's own state; they are written to a temp dir and renamed, so a crash never
-leaves a half-written one. `train.resume=true` restarts from the newest and replays the same data
-order, so the metrics after the resume point equal an uninterrupted run.
+states, the stage's own state and the run's identity (see `chatforge.train.checkpoint`: no pickle,
+ordered by step number, atomic, a one-line error on a full disk). `train.resume=true` restarts from
+the newest and replays the same data order, so the metrics after the resume point equal an
+uninterrupted run; a checkpoint of another config is refused, naming the keys that differ, and a
+fresh run does not start over another run's checkpoints unless `train.overwrite=true`.
+
+A step whose loss or gradient norm is not finite stops the run with a one-line error before the
+optimizer touches the weights: the last good checkpoint is kept and no NaN weights reach `final/`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.train import checkpoint as ck
 
 LossFn = Callable[[Any, dict, float | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -127,8 +133,45 @@ class Trainer:
         self._bar = None
         self._last_log = (time.perf_counter(), 0)
         self._tokens = 0
+        self.identity = self._claim_output_dir()
+
+    def _claim_output_dir(self) -> dict | None:
+        """Check the output dir against this run, then write the run's config into it: called once
+        the model and data are loaded and checked, so a run that fails earlier leaves no trace."""
+        from chatforge.train.common import pending_run
+
+        run = pending_run(self.out)
+        identity = run.identity if run else None
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            ck.recover_dir(self.out / "final")
+        ckpts = self.checkpoints()
+        if ckpts and self.cfg.resume:
+            saved = ck.read_state(ckpts[-1]).get("identity")
+            if identity is not None and saved is not None and saved != identity:
+                raise ChatforgeError(
+                    f"{ckpts[-1]}: a checkpoint of another run; it differs in "
+                    + "; ".join(ck.differences(saved, identity))
+                    + ": resume with that run's config, or start afresh with train.overwrite=true "
+                    "(deletes its checkpoints)"
+                )
+        elif ckpts and not self.cfg.overwrite:
+            raise ChatforgeError(
+                f"{self.out} holds checkpoints of an earlier run (newest {ckpts[-1].name}): continue "
+                "it with train.resume=true, or start afresh with train.overwrite=true (deletes them)"
+            )
+        self.acc.wait_for_everyone()
+        if self.is_main:
+            if ckpts and not self.cfg.resume:  # train.overwrite=true
+                for name in ("checkpoints", "final", "tensorboard"):
+                    shutil.rmtree(self.out / name, ignore_errors=True)
+                for name in ("metrics.jsonl", "samples.jsonl"):
+                    (self.out / name).unlink(missing_ok=True)
+            with ck.writing(self.out, "the run's config", temporary=False):
+                self.out.mkdir(parents=True, exist_ok=True)
+                if run is not None:
+                    run.write(self.out)
+        self.acc.wait_for_everyone()
+        return identity
 
     # ---- one optimizer step -------------------------------------------------------------------
     @property
@@ -167,17 +210,44 @@ class Trainer:
         grad_norm = None
         if self.cfg.max_grad_norm > 0:
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        loss_sum = self.global_sum(loss_total)
+        self._stop_if_diverged(loss_sum, grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        out = {"loss": self.global_sum(loss_total) / self.world}
+        out = {"loss": loss_sum / self.world}
         for k, v in sums.items():
             out[k] = self.global_sum(v) / max(total, 1.0)
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
+
+    def _stop_if_diverged(self, loss_sum: float, grad_norm) -> None:
+        """A non-finite loss or gradient norm ends the run before the optimizer step (one line)."""
+        if grad_norm is None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = float(grad_norm)
+        if math.isfinite(loss_sum) and math.isfinite(norm):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        what = f"loss {loss_sum}" if not math.isfinite(loss_sum) else f"gradient norm {norm}"
+        ckpts = self.checkpoints()
+        kept = f"the last good checkpoint {ckpts[-1]} is kept" if ckpts else "no checkpoint was written yet"
+        raise ChatforgeError(
+            f"step {self.step + 1}: training diverged ({what}); stopped before updating the weights, "
+            f"{kept} and nothing goes to final/: lower train.lr or check the data"
+        )
+
+    def _check_weights_finite(self, where: str) -> None:
+        model = self.acc.unwrap_model(self.model)
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise ChatforgeError(
+                f"{where}: not written, {len(bad)} trained tensors hold NaN or inf (first: {bad[0]})"
+            )
 
     @torch.no_grad()
     def evaluate(self, batches, loss_fn: LossFn, units_fn) -> dict[str, float]:
@@ -214,8 +284,9 @@ class Trainer:
             # a fresh run in a used dir replaces the old curve instead of appending to it
             _truncate_metrics(self.out / "metrics.jsonl", self._start_step)
             self._metrics_open = True
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with ck.writing(self.out / "metrics.jsonl", "the metrics", temporary=False):
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -259,31 +330,30 @@ class Trainer:
 
         final = self.ckpt_root / f"step-{self.step}"
         tmp = self.ckpt_root / f".tmp-step-{self.step}"
+        self._check_weights_finite(str(final))
         self.acc.wait_for_everyone()
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(trainable_state(self.acc.unwrap_model(self.model)), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            state = {"step": self.step, "world": self.world, **(extra or {})}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            with ck.writing(tmp, "the checkpoint"):
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                save_file(trainable_state(self.acc.unwrap_model(self.model)), str(tmp / "trainable.safetensors"))
+                ck.save_plain(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                ck.save_plain(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                state = {"step": self.step, "world": self.world, **(extra or {}), "identity": self.identity}
+                (tmp / "state.json").write_text(json.dumps(state, indent=1))
         self.acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-{self.acc.process_index}.pt")
+        with ck.writing(tmp, "the checkpoint"):
+            ck.save_plain(_rng_state(), tmp / f"rng-{self.acc.process_index}.pt")
         self.acc.wait_for_everyone()
         if self.is_main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(self.checkpoints())[: -self.cfg.keep_last or None]:
-                shutil.rmtree(old, ignore_errors=True)
+            ck.prune(self.ckpt_root, self.cfg.keep_last)
         self.acc.wait_for_everyone()
         return final
 
     def checkpoints(self) -> list[Path]:
-        if not self.ckpt_root.is_dir():
-            return []
-        found = [p for p in self.ckpt_root.glob("step-*") if (p / "state.json").is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        return ck.step_dirs(self.ckpt_root)
 
     def resume(self) -> dict | None:
         """Load the newest checkpoint (if any); returns its saved state."""
@@ -293,8 +363,11 @@ class Trainer:
         if not ckpts:
             return None
         path = ckpts[-1]
-        state = json.loads((path / "state.json").read_text())
-        weights = load_file(str(path / "trainable.safetensors"))
+        state = ck.read_state(path)
+        try:
+            weights = load_file(str(path / "trainable.safetensors"))
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise ChatforgeError(f"{path / 'trainable.safetensors'}: unreadable ({e})") from None
         model = self.acc.unwrap_model(self.model)
         missing = set(trainable_state(model)) - set(weights)
         if missing:
@@ -305,11 +378,11 @@ class Trainer:
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        self.optimizer.load_state_dict(ck.load_plain(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(ck.load_plain(path / "scheduler.pt"))
         rng = path / f"rng-{self.acc.process_index}.pt"
         if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(ck.load_plain(rng))
         self.step = self._start_step = state["step"]
         if self.is_main:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
@@ -318,14 +391,14 @@ class Trainer:
     def save_final(self, save_fn: Callable[[Path], None]) -> Path:
         """Call `save_fn(tmp_dir)` on the main process, then atomically move it to OUTPUT/final."""
         final = self.out / "final"
+        self._check_weights_finite(str(final))
         self.acc.wait_for_everyone()
         if self.is_main:
             tmp = self.out / ".tmp-final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_fn(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with ck.writing(tmp, "the final model"):
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_fn(tmp)
+            ck.replace_dir(tmp, final)
         self.acc.wait_for_everyone()
         return final
 
@@ -417,7 +490,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def _rng_state() -> dict:
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # tensors and plain values only, so that a resume can load it with weights_only=True
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -427,17 +503,21 @@ def _set_rng_state(state: dict) -> None:
     import numpy as np
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after `step` by a run that died before its next checkpoint."""
+    """Drop records logged after `step` by a run that died before its next checkpoint, and any torn
+    line a kill left (reported)."""
     if not path.is_file():
         return
-    keep = [
-        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
-    ]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    records, dropped = ck.read_jsonl(path)
+    if dropped and int(os.environ.get("RANK", "0")) == 0:
+        print(f"chatforge: {path}: dropped {dropped} unreadable line(s) (a run killed mid-write)", flush=True)
+    keep = [r for r in records if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))

@@ -106,7 +106,7 @@ def run(cfg: Config) -> str:
     from chatforge.errors import ConfigError
     from chatforge.models.adapters import save_final
     from chatforge.models.heads import ScalarHeadModel, disable_dropout
-    from chatforge.models.load import resolve_model_path
+    from chatforge.models.load import load_tokenizer, resolve_model_path
     from chatforge.train.common import build_policy, log, start_run
     from chatforge.train.dpo import load_pairs, pair_collate, pair_units
     from chatforge.train.loop import Trainer, steps_for
@@ -120,11 +120,12 @@ def run(cfg: Config) -> str:
             "peft.method must be lora, qlora or none for a reward model (the score head reads hidden states)"
         )
     start_run(cfg, "rm")
+    # the data is checked before the model loads: a bad record fails in seconds
+    items, eval_items = load_pairs(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code))
     policy, tok = build_policy(cfg)
     lm = policy.lm
     disable_dropout(lm)
     model = ScalarHeadModel(lm, name="score")
-    items, eval_items = load_pairs(cfg, tok)
     collate = pair_collate(cfg, lm, tok.pad_token_id)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world))

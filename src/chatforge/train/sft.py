@@ -56,18 +56,17 @@ def prepare_items(examples: list, max_length: int, packing: bool) -> list:
 def run(cfg: Config) -> str:
     from chatforge.data.dataset import build_sft_examples
     from chatforge.errors import ConfigError
+    from chatforge.models.load import load_tokenizer
     from chatforge.train.common import build_policy, log, save_lm, split_eval, start_run
     from chatforge.train.loop import Trainer, steps_for
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one training file")
     start_run(cfg, "sft")
-    model, tok = build_policy(cfg)
-    if cfg.data.packing:
-        check_packing(model.lm)
+    # the data is checked before the model loads: a bad record fails in seconds
     build = partial(
         build_sft_examples,
-        tokenizer=tok,
+        tokenizer=load_tokenizer(cfg.model.path, cfg.model.trust_remote_code),
         max_length=cfg.data.max_length,
         assistant_only=cfg.data.assistant_only_loss,
     )
@@ -79,6 +78,9 @@ def run(cfg: Config) -> str:
         log(f"eval data: {eval_report.summary()}")
     else:
         examples, eval_examples = split_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
+    model, tok = build_policy(cfg)
+    if cfg.data.packing:
+        check_packing(model.lm)
     items = prepare_items(examples, cfg.data.max_length, cfg.data.packing)
     eval_items = prepare_items(eval_examples, cfg.data.max_length, cfg.data.packing)
     import os
