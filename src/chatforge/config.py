@@ -114,7 +114,9 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluate every N steps; 0 = only at the end")
     save_every: int = opt(0, "checkpoint every N steps; 0 = only at the end")
     keep_last: int = opt(2, "checkpoints to keep (at least 1)")
-    resume: bool = opt(False, "continue from the newest checkpoint in output_dir (refused if its config differs)")
+    resume: bool = opt(
+        False, "continue from the newest checkpoint in output_dir (refused if its config differs)"
+    )
     overwrite: bool = opt(
         False, "start afresh in an output_dir that holds another run's checkpoints (deletes them)"
     )

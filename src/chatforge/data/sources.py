@@ -145,7 +145,9 @@ def _decode(p: Path, name: str) -> str:
     except UnicodeDecodeError as e:
         line_start = data.rfind(b"\n", 0, e.start) + 1
         line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{name}:{line}: not valid UTF-8 (byte {e.start - line_start + 1} of the line)") from None
+        raise DataError(
+            f"{name}:{line}: not valid UTF-8 (byte {e.start - line_start + 1} of the line)"
+        ) from None
 
 
 def _json(p: Path, name: str) -> Iterator[tuple[str, dict | DataError]]:

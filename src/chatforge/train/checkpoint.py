@@ -123,7 +123,9 @@ def read_state(path: Path) -> dict:
     try:
         return json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
-        raise ChatforgeError(f"{path / 'state.json'}: unreadable checkpoint state ({_first_line(e)})") from None
+        raise ChatforgeError(
+            f"{path / 'state.json'}: unreadable checkpoint state ({_first_line(e)})"
+        ) from None
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -164,7 +166,9 @@ def write_failure(e: BaseException, path: Path) -> str | None:
     code = getattr(e, "errno", None)
     text = str(e)
     if code == errno.ENOSPC or "No space left" in text or _free_bytes(path) < _LOW_DISK:
-        return "the disk is full; free some space (earlier checkpoints are intact, train.resume=true continues)"
+        return (
+            "the disk is full; free some space (earlier checkpoints are intact, train.resume=true continues)"
+        )
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
         return "the location is not writable (read-only file system or no permission)"
     if isinstance(e, OSError):

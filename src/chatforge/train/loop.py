@@ -284,9 +284,9 @@ class Trainer:
             # a fresh run in a used dir replaces the old curve instead of appending to it
             _truncate_metrics(self.out / "metrics.jsonl", self._start_step)
             self._metrics_open = True
-        with ck.writing(self.out / "metrics.jsonl", "the metrics", temporary=False):
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        path = self.out / "metrics.jsonl"
+        with ck.writing(path, "the metrics", temporary=False), open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -336,7 +336,9 @@ class Trainer:
             with ck.writing(tmp, "the checkpoint"):
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-                save_file(trainable_state(self.acc.unwrap_model(self.model)), str(tmp / "trainable.safetensors"))
+                save_file(
+                    trainable_state(self.acc.unwrap_model(self.model)), str(tmp / "trainable.safetensors")
+                )
                 ck.save_plain(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 ck.save_plain(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 state = {"step": self.step, "world": self.world, **(extra or {}), "identity": self.identity}
