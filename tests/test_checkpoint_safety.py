@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_args, write_jsonl
-from test_loop import collate, items, loss_fn, make_trainer, units_fn
 
 from chatforge.errors import ChatforgeError
 from chatforge.train import checkpoint as ck
+from conftest import tiny_run_args
+from test_loop import collate, items, loss_fn, make_trainer, units_fn
 
 
 def fit(tmp_path, tokenizer, **kw):
