@@ -119,7 +119,33 @@ def save_final(model, tokenizer, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_portable_fields(out)
     return out
+
+
+def write_portable_fields(out: Path) -> None:
+    """Make a dir written by transformers 5 load the same in transformers 4.x: 4.x reads RoPE from
+    `rope_theta` / `rope_scaling` (without them it silently uses theta 10000) and cannot import
+    the tokenizer class name `TokenizersBackend` (its fast tokenizer is `PreTrainedTokenizerFast`).
+    Both versions read the added fields the same way; nothing else changes."""
+    import json
+
+    config = out / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        rope = c.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in c:
+            c["rope_theta"] = rope["rope_theta"]
+            extra = {k: v for k, v in rope.items() if k != "rope_theta"}
+            if extra.get("rope_type", "default") != "default":
+                c.setdefault("rope_scaling", extra)
+            config.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+    tok = out / "tokenizer_config.json"
+    if tok.is_file():
+        t = json.loads(tok.read_text())
+        if t.get("tokenizer_class") == "TokenizersBackend":
+            t["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tok.write_text(json.dumps(t, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_adapter_model(adapter_dir: str | Path, dtype=None, device=None, is_trainable: bool = False):
