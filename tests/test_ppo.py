@@ -550,7 +550,7 @@ def test_estimator_settings_are_refused_at_start_up(
     assert "\n" not in str(e.value)  # one line
 
 
-@pytest.mark.parametrize("advantage", ["rloo", "reinforce_pp"])
+@pytest.mark.parametrize("advantage", ["rloo", "group_norm", "reinforce_pp", "reinforce_pp_baseline"])
 def test_resume_after_a_crash_is_exact_without_a_critic(
     tiny_model_dir, jsonl, reward_file, tmp_path, advantage
 ):
