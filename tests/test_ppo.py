@@ -548,6 +548,14 @@ def test_estimator_settings_are_refused_at_start_up(
     with pytest.raises(ConfigError) as e:
         ppo.run(config(tiny_model_dir, data, tmp_path / "r", reward_file, "ppo.advantage=rloo"))
     assert "\n" not in str(e.value)  # one line
+    # a pipeline refuses it before its first stage (not after SFT and the reward model)
+    from chatforge import pipeline
+
+    bad = load_config(
+        None, ["pipeline.stages=[sft,rm,ppo]", "pipeline.overrides={ppo: {ppo.advantage: rloo}}"]
+    )
+    with pytest.raises(ConfigError, match="ppo.advantage=rloo compares"):
+        pipeline.check(bad)
 
 
 @pytest.mark.parametrize("advantage", ["rloo", "group_norm", "reinforce_pp", "reinforce_pp_baseline"])

@@ -133,14 +133,14 @@ def minibatch_order(n: int, seed: int, step: int, epoch: int) -> list[int]:
 CRITIC_KEYS = ("critic", "critic_init", "critic_lr", "vf_coef", "value_clip_eps", "lam")
 
 
-def check(cfg: Config) -> None:
+def check_estimator(p) -> None:
+    """The advantage estimator against its settings (`cfg.ppo`); the pipeline calls it before any stage runs."""
     from dataclasses import fields
 
     from chatforge.config import PPOConfig
     from chatforge.errors import ConfigError
     from chatforge.rl.advantages import ESTIMATORS
 
-    p = cfg.ppo
     est = ESTIMATORS[p.advantage]
     if p.samples_per_prompt < 1:
         raise ConfigError("ppo.samples_per_prompt must be at least 1")
@@ -158,6 +158,18 @@ def check(cfg: Config) -> None:
                 f"{'is' if len(set_) == 1 else 'are'} set: drop {'it' if len(set_) == 1 else 'them'} "
                 "or use ppo.advantage=gae"
             )
+    if p.mini_batch_size > 0 and (p.rollout_batch_size * p.samples_per_prompt) % p.mini_batch_size:
+        raise ConfigError(
+            f"ppo.rollout_batch_size x ppo.samples_per_prompt ({p.rollout_batch_size} x "
+            f"{p.samples_per_prompt}) must be a multiple of ppo.mini_batch_size ({p.mini_batch_size})"
+        )
+
+
+def check(cfg: Config) -> None:
+    from chatforge.errors import ConfigError
+
+    p = cfg.ppo
+    check_estimator(p)
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one prompt file")
     if not p.reward_functions and not p.reward_model:
@@ -166,11 +178,6 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             "ppo.rollout_batch_size, ppo.ppo_epochs, ppo.mini_batch_size and ppo.forward_batch_size "
             "must be at least 1"
-        )
-    if (p.rollout_batch_size * p.samples_per_prompt) % p.mini_batch_size:
-        raise ConfigError(
-            f"ppo.rollout_batch_size x ppo.samples_per_prompt ({p.rollout_batch_size} x "
-            f"{p.samples_per_prompt}) must be a multiple of ppo.mini_batch_size ({p.mini_batch_size})"
         )
     if p.ptx_coef > 0 and not p.ptx_data:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data (SFT files for the pretraining-loss mix)")
