@@ -397,3 +397,63 @@ def test_micro_batches_round_widths_without_changing_log_probs(tiny_model_dir, b
         for t, p in zip(grpo.sequence_logprobs(model, tight), grpo.sequence_logprobs(model, padded)):
             torch.testing.assert_close(p[:, : t.shape[1]], t, atol=1e-5, rtol=1e-5)
             assert not p[:, t.shape[1] :].any()
+
+
+@pytest.mark.parametrize(
+    "aggregation,want",
+    [("token", -(1 + 1 - 1) / 3), ("sequence", -(1 + -1) / 2), ("dr_grpo", -(1 + 1 - 1) / (2 * 4))],
+)
+def test_loss_aggregations_by_hand(aggregation, want):
+    """grpo.loss_aggregation: token mean (DAPO), mean of per-answer means, or the sum over a constant
+    answers x generate.max_new_tokens (Dr. GRPO: 2 x 4 here, whatever the answers' lengths)."""
+    model = _FixedLogps(torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, -3.0]]))
+    batch = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "attention_mask": torch.ones(2, 4),
+        "position_ids": None,
+        "target_mask": None,
+        "response_mask": torch.tensor([[1, 1], [1, 0]]),
+        "advantages": torch.tensor([[1.0], [-1.0]]),
+    }
+    mode = grpo.AGGREGATIONS[aggregation]
+    units = grpo.grpo_units(batch, mode, length=4)
+    loss, _ = grpo.grpo_loss(model, batch, units, clip_eps=0.2, beta=0.0, reduction=mode)
+    assert float(loss.detach()) == pytest.approx(want)
+    # one answer per micro-batch, the global count as normalizer: the same loss (accumulation)
+    halves = []
+    for i in range(2):
+        part = {k: (v[i : i + 1] if torch.is_tensor(v) else v) for k, v in batch.items()}
+        halves.append(_FixedLogps(model.logps[i : i + 1].detach().clone()))
+        halves[-1].part = part
+    total = sum(grpo.grpo_units(m.part, mode, length=4) for m in halves)
+    got = sum(
+        float(grpo.grpo_loss(m, m.part, total, clip_eps=0.2, beta=0.0, reduction=mode)[0].detach())
+        for m in halves
+    )
+    assert got == pytest.approx(want)
+
+
+def test_loss_aggregation_reaches_the_learning_step(
+    tiny_model_dir, jsonl, reward_file, tmp_path, monkeypatch
+):
+    seen = []
+    real = grpo.grpo_loss
+
+    def spy(model, batch, normalizer, clip_eps, beta, reduction="token"):
+        seen.append((reduction, normalizer))
+        return real(model, batch, normalizer, clip_eps, beta, reduction)
+
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    out = tmp_path / "dr"
+    grpo.run(
+        config(
+            tiny_model_dir,
+            jsonl(PROMPTS),
+            out,
+            reward_file,
+            "train.max_steps=1",
+            "grpo.loss_aggregation=dr_grpo",
+        )
+    )
+    # 2 prompts x 8 answers, one micro-batch of 16, normalised by 16 x max_new_tokens (12)
+    assert seen and {s[0] for s in seen} == {"constant"} and seen[0][1] == 16 * 12

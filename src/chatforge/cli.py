@@ -97,13 +97,27 @@ def run_stage(name: str, argv: list[str]) -> int:
 
     text, target, sections = STAGES[name]
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: chatforge {name} CONFIG.yaml [section.key=value ...]\n\n{text}\n")
+        seeds = " [--seeds 0,1,2]" if name == "pipeline" else ""
+        print(f"usage: chatforge {name} CONFIG.yaml{seeds} [section.key=value ...]\n\n{text}\n")
         print(describe(sections))
         return 0
+    seeds = None
+    if name == "pipeline" and "--seeds" in argv:  # the last stage once per seed: chatforge.seeds
+        at = argv.index("--seeds")
+        if at + 1 >= len(argv):
+            from chatforge.errors import ConfigError
+
+            raise ConfigError("--seeds needs a value, e.g. --seeds 0,1,2")
+        seeds, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
     path, overrides = argv[0], argv[1:]
     if "=" in path:  # no config file, only overrides
         path, overrides = None, argv
     cfg = load_config(path, overrides)
+    if seeds is not None:
+        from chatforge.seeds import parse_seeds, run
+
+        run(cfg, parse_seeds(seeds))
+        return 0
     _load(target)(cfg)
     return 0
 

@@ -175,7 +175,16 @@ class PPOConfig:
         [], "rule rewards: built-in names or module:function / file.py:function"
     )
     reward_weights: list[float] = opt([], "weights of the reward functions (default 1 each)")
-    rollout_batch_size: int = opt(16, "prompts per rollout")
+    rollout_batch_size: int = opt(16, "prompts per rollout (x ppo.samples_per_prompt answers)")
+    samples_per_prompt: int = opt(
+        1, "answers sampled per prompt, adjacent in the rollout; >= 2 for the group estimators"
+    )
+    advantage: str = opt(
+        "gae",
+        "advantage estimator (chatforge.rl.advantages): gae needs a critic; rloo, group_norm and "
+        "reinforce_pp_baseline compare the answers to one prompt; reinforce_pp whitens returns globally",
+        ("gae", "group_norm", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
+    )
     ppo_epochs: int = opt(2, "passes over each rollout")
     mini_batch_size: int = opt(8, "sequences per optimizer step within a rollout")
     clip_eps: float = opt(0.2, "policy ratio clip")
@@ -202,10 +211,11 @@ class PPOConfig:
         ("base", "reward"),
     )
     critic: str = opt(
-        "adapter",
+        "auto",
         "value model: its own LoRA adapter (or model copy) + value head; head = a value head on the "
-        "actor's hidden states, no gradient into the actor: no critic passes, a third less compute",
-        ("adapter", "head"),
+        "actor's hidden states, no gradient into the actor: no critic passes, a third less compute; "
+        "auto = adapter for ppo.advantage=gae, none for the critic-free estimators",
+        ("auto", "adapter", "head"),
     )
     forward_batch_size: int = opt(
         64, "sequences per no-grad forward pass when building experience (lower it if memory is tight)"
@@ -225,6 +235,13 @@ class GRPOConfig:
     beta: float = opt(0.04, "KL (k3) weight in the loss; 0 holds no reference")
     clip_eps: float = opt(0.2, "policy ratio clip")
     scale_rewards: bool = opt(True, "divide group-centred rewards by the group std")
+    loss_aggregation: str = opt(
+        "token",
+        "how token losses are averaged: token = over every token of the global batch (DAPO), "
+        "sequence = mean of per-answer means (GRPO paper), dr_grpo = sum over a constant "
+        "answers x generate.max_new_tokens (Dr. GRPO)",
+        ("token", "sequence", "dr_grpo"),
+    )
     prompts_per_step: int = opt(4, "prompts per step (x num_generations completions)")
     epochs_per_step: int = opt(1, "passes over each batch of completions")
     reward_functions: list[str] = opt(["exact_match"], "built-in names or module:function / file.py:function")

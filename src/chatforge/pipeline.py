@@ -68,6 +68,10 @@ def check(cfg: Config) -> None:
             if str(key).startswith("pipeline."):
                 raise ConfigError(f"pipeline.overrides.{stage}: {key} cannot be set per stage")
     build_config({**to_flat(cfg), **{k: v for b in p.overrides.values() for k, v in b.items()}})
+    if "ppo" in p.stages:  # an estimator that cannot run fails now, not after SFT and the reward model
+        from chatforge.train.ppo import check_estimator
+
+        check_estimator(build_config({**to_flat(cfg), **p.overrides.get("ppo", {})}).ppo)
 
 
 # ---- data ----------------------------------------------------------------------------------------

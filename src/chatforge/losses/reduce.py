@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-REDUCTIONS = ("token", "sequence", "sum")
+REDUCTIONS = ("token", "sequence", "sum", "constant")
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -21,8 +21,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return masked_sum(x, m, dim) / (m.sum() if dim is None else m.sum(dim)).clamp(min=1e-8)
 
 
-def count_units(mask: torch.Tensor, mode: str = "token") -> int:
-    """Units a loss averages over: tokens ("token"), non-empty rows ("sequence"), or 1 ("sum")."""
+def count_units(mask: torch.Tensor, mode: str = "token", length: int = 0) -> int:
+    """Units a loss averages over: tokens ("token"), non-empty rows ("sequence"), 1 ("sum"), or
+    rows x `length` ("constant": Dr. GRPO's fixed normaliser, `length` = the generation limit)."""
+    if mode == "constant":
+        return int(mask.shape[0]) * int(length or mask.shape[1])
     if mode == "token":
         return int(mask.sum())
     if mode == "sequence":
@@ -33,8 +36,14 @@ def count_units(mask: torch.Tensor, mode: str = "token") -> int:
 
 
 def masked_reduce(x: torch.Tensor, mask: torch.Tensor, mode: str = "token", normalizer: float | None = None):
-    """Reduce per-token values x (B, T) under mask (B, T) by `mode`, dividing by `normalizer` if given."""
+    """Reduce per-token values x (B, T) under mask (B, T) by `mode`, dividing by `normalizer` if given.
+
+    "constant" divides the masked sum by `normalizer` (`count_units(mask, "constant", length)` of
+    the global batch), else by B x T: the same divisor whatever the answers' lengths.
+    """
     m = mask.to(x.dtype)
+    if mode == "constant":
+        return masked_sum(x, m) / (normalizer or m.numel())
     if mode == "token":
         return masked_sum(x, m) / (normalizer or m.sum().clamp(min=1))
     if mode == "sequence":

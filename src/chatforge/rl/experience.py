@@ -8,7 +8,10 @@
                 reference log-probs, critic values; per-token rewards
                     r_t = -kl_coef * KL_t            (KL estimate k1 or k3 of actor vs reference)
                     r_T += score                     (at the last response token)
-                then GAE(gamma, lambda) -> advantages (whitened over the rollout) and returns.
+                then an advantage estimator (`rl.advantages`, `ppo.advantage`): GAE(gamma, lambda)
+                with the critic's values (whitened over the rollout), or a critic-free one
+                (rloo, group_norm, reinforce_pp, reinforce_pp_baseline) over the
+                `ppo.samples_per_prompt` answers sampled per prompt.
 
 Reward-model scores are normalised with the statistics the reward stage saved (`ModelReward`).
 Shapes are documented on `chatforge.rl.types.Rollout` and `Experience`.
@@ -20,11 +23,13 @@ import contextlib
 
 import torch
 
+from chatforge.rl.advantages import token_rewards  # noqa: F401  (re-exported: its old home)
 from chatforge.rl.types import Experience, Rollout
 
 
-def sample(roles, prompts, gen_cfg, batch_size: int | None = None):
-    """The actor's responses to `prompts` (PromptItem list) -> `rl.generate.Generated`."""
+def sample(roles, prompts, gen_cfg, batch_size: int | None = None, row_seeds: list[int] | None = None):
+    """The actor's responses to `prompts` (PromptItem list) -> `rl.generate.Generated`; `row_seeds`
+    gives each row its own random draws (`generate.seed_per_row`)."""
     from chatforge.models.adapters import merge_for_generation, sampling_model
     from chatforge.rl.generate import generate
 
@@ -39,6 +44,7 @@ def sample(roles, prompts, gen_cfg, batch_size: int | None = None):
             gen_cfg.top_p,
             gen_cfg.top_k,
             batch_size=batch_size or None,
+            row_seeds=row_seeds,
         )
 
 
@@ -76,19 +82,6 @@ def score(roles, scorer, prompts, gen, score_clip: float = 0.0, missing_eos_pena
     return rollout, parts
 
 
-def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token rewards (B, R): -kl_coef * kl on response tokens, plus each score at its last token.
-
-    >>> r = token_rewards(torch.ones(1, 3), torch.tensor([2.0]), torch.tensor([[1, 1, 0]]), 0.1)
-    >>> [round(x, 4) for x in r[0].tolist()]
-    [-0.1, 1.9, 0.0]
-    """
-    m = mask.float()
-    rewards = (-kl_coef * kl.float()).masked_fill(m == 0, 0.0)
-    last = (m.sum(1).long() - 1).clamp(min=0)
-    return rewards.scatter_add(1, last[:, None], scores.float().to(rewards.device)[:, None])
-
-
 def _forward_all(
     empty: Experience, fn, batch_size: int, device, width: int, n_out: int = 1, multiple: int | None = None
 ):
@@ -116,12 +109,17 @@ def make_experience(
     device=None,
     autocast=None,
     pad_to_multiple_of: int | None = None,
+    advantage: str = "gae",
+    group_size: int = 1,
+    all_sum=None,
 ) -> tuple[Experience, dict[str, float]]:
     """(Experience, stats) for a scored rollout; forward passes in micro-batches of `batch_size`
-    (widths rounded as `Experience.batch` does with `pad_to_multiple_of`)."""
+    (widths rounded as `Experience.batch` does with `pad_to_multiple_of`). `advantage` names an
+    estimator of `rl.advantages.ESTIMATORS`; the group ones read the `group_size` answers to each
+    prompt as adjacent rows; `all_sum` sums a tensor over processes (global whitening)."""
     from chatforge.losses.kl import kl_estimate
     from chatforge.losses.reduce import masked_mean
-    from chatforge.rl.advantages import gae, whiten
+    from chatforge.rl.advantages import ESTIMATORS, estimate
 
     ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1).cpu()
     mask = torch.cat([rollout.prompt_mask, rollout.response_mask], 1).cpu()
@@ -166,9 +164,22 @@ def make_experience(
     with roles.use("ref"):
         exp.ref_logp = _forward_all(exp, ref_logps, batch_size, device, R, 1, pad_to_multiple_of)
     exp.kl = kl_estimate(exp.old_logp, exp.ref_logp, kl_estimator) * rmask
+    if not ESTIMATORS[advantage].critic:
+        exp.old_values = torch.zeros_like(exp.old_values)  # no critic: nothing to regress, nothing to log
     exp.rewards = token_rewards(exp.kl, exp.scores, rmask, kl_coef)
-    adv, exp.returns = gae(exp.rewards, exp.old_values, rmask, gamma, lam)
-    exp.advantages = whiten(adv, rmask) if whiten_advantages else adv
+    exp.advantages, exp.returns = estimate(
+        advantage,
+        exp.scores,
+        exp.kl,
+        rmask,
+        exp.old_values,
+        kl_coef,
+        group_size,
+        gamma,
+        lam,
+        whiten_advantages,
+        **({"all_sum": all_sum} if all_sum is not None else {}),
+    )
     seq_kl = exp.kl.sum(1)
     lengths = rmask.sum(1).float()
     stats = {

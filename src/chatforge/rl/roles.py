@@ -228,6 +228,16 @@ def _check_lora(path: str, what: str) -> None:
         raise ConfigError(f"{what}: {path} is a {kind} adapter; PPO's shared-base layout needs LoRA adapters")
 
 
+def critic_mode(ppo) -> str:
+    """`ppo.critic` resolved: auto = adapter with a critic (gae); with a critic-free estimator the
+    role is a value head on the actor that nothing trains (one linear layer, no critic passes)."""
+    from chatforge.rl.advantages import ESTIMATORS
+
+    if ppo.critic != "auto":
+        return ppo.critic
+    return "adapter" if ESTIMATORS[ppo.advantage].critic else "head"
+
+
 def build_roles(cfg, device=None) -> Roles:
     """Load the actor, critic, reference and reward for `chatforge ppo` (layout per peft.method)."""
     from chatforge.models.load import pick_device
@@ -239,6 +249,7 @@ def build_roles(cfg, device=None) -> Roles:
         )
     if cfg.ppo.critic_init not in ("base", "reward"):
         raise ConfigError(f"ppo.critic_init must be base or reward (got {cfg.ppo.critic_init!r})")
+    cfg = replace(cfg, ppo=replace(cfg.ppo, critic=critic_mode(cfg.ppo)))
     if cfg.ppo.critic == "head" and cfg.ppo.critic_init == "reward":
         raise ConfigError(
             "ppo.critic=head puts a fresh value head on the actor; ppo.critic_init=reward needs ppo.critic=adapter"

@@ -6,7 +6,10 @@ advantages by comparing each answer with the others to its prompt (reward minus 
 over the group std). The policy then takes `grpo.epochs_per_step` optimizer steps on the PPO
 clipped loss with those per-sequence advantages, plus `grpo.beta` times the k3 KL to the reference
 (the starting model: the adapter switched off with LoRA, a frozen copy with full fine-tuning; none
-at all when beta is 0).
+at all when beta is 0). `grpo.loss_aggregation` averages the token losses over every token of the
+global batch (`token`, DAPO), per answer then over answers (`sequence`, the GRPO paper), or sums
+them over a constant answers x generate.max_new_tokens (`dr_grpo`, Dr. GRPO; pair it with
+`grpo.scale_rewards=false` for the paper's recipe).
 
     step:  prompts -> generate -> score -> group advantages -> [policy loss + beta * KL] x epochs
 
@@ -95,10 +98,15 @@ def response_logps(model, batch):
     return logps[:, -batch["response_mask"].shape[1] :]
 
 
-def grpo_units(batch, reduction: str = "token") -> int:
+# grpo.loss_aggregation -> the reduction mode of chatforge.losses.reduce
+AGGREGATIONS = {"token": "token", "sequence": "sequence", "dr_grpo": "constant"}
+
+
+def grpo_units(batch, reduction: str = "token", length: int = 0) -> int:
+    """Units of one micro-batch; `length` is Dr. GRPO's constant (generate.max_new_tokens)."""
     from chatforge.losses.reduce import count_units
 
-    return count_units(batch["response_mask"], reduction)
+    return count_units(batch["response_mask"], reduction, length)
 
 
 def reference_context(policy, ref):
@@ -382,9 +390,10 @@ def learn(trainer, model, ref, gen, adv, cfg: Config, bar, branched: bool = Fals
     Reference log-probs (beta > 0) and, with several epochs, the rollout policy's log-probs are taken
     first by the same forward path and autocast as training, so the first ratio is 1.
     """
-    g, reduction = cfg.grpo, cfg.train.loss_reduction
+    g = cfg.grpo
+    reduction = AGGREGATIONS[g.loss_aggregation]
     loss_fn = partial(grpo_loss, clip_eps=g.clip_eps, beta=g.beta, reduction=reduction)
-    units_fn = partial(grpo_units, reduction=reduction)
+    units_fn = partial(grpo_units, reduction=reduction, length=cfg.generate.max_new_tokens)
     micro = micro_batches(
         gen, adv, cfg.train.batch_size, trainer.acc.device, branched, cfg.data.pad_to_multiple_of
     )

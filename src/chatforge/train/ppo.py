@@ -1,8 +1,10 @@
 """RLHF with PPO: `chatforge ppo CONFIG.yaml [key=value ...]`.
 
-Each PPO step takes `ppo.rollout_batch_size` prompts; the actor samples answers, the reward scores
-them, and `rl.experience` turns them into per-token rewards (score at the last token minus
-kl_coef x KL to the reference), values and GAE advantages. Then `ppo.ppo_epochs` passes over the
+Each PPO step takes `ppo.rollout_batch_size` prompts; the actor samples `ppo.samples_per_prompt`
+answers to each, the reward scores them, and `rl.experience` turns them into per-token rewards
+(score at the last token minus kl_coef x KL to the reference) and advantages by `ppo.advantage`
+(`rl.advantages`): GAE with a critic (default), or a critic-free estimator that compares the answers
+to one prompt (rloo, group_norm, reinforce_pp_baseline) or whitens returns (reinforce_pp). Then `ppo.ppo_epochs` passes over the
 rollout in shuffled minibatches of `ppo.mini_batch_size`, one optimizer step each (micro-batches of
 `train.batch_size`), on the clipped policy loss + vf_coef x the clipped value loss (+ ptx_coef x
 an SFT loss on `ppo.ptx_data`). In one process a critic of its own (adapter or model) learns in
@@ -61,6 +63,8 @@ def ppo_loss(
         return _ppo_parts(model, args, policy, value, vf_coef)
     logps, entropy, values = model(*args)
     pg, metrics = policy(logps, entropy)
+    if not vf_coef:  # a critic-free estimator: no value function to learn
+        return pg, metrics
     vl, vmetrics = value(values)
     return pg + vf_coef * vl, {**metrics, **vmetrics}
 
@@ -125,10 +129,47 @@ def minibatch_order(n: int, seed: int, step: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+# critic settings: what a critic-free estimator would silently ignore
+CRITIC_KEYS = ("critic", "critic_init", "critic_lr", "vf_coef", "value_clip_eps", "lam")
+
+
+def check_estimator(p) -> None:
+    """The advantage estimator against its settings (`cfg.ppo`); the pipeline calls it before any stage runs."""
+    from dataclasses import fields
+
+    from chatforge.config import PPOConfig
+    from chatforge.errors import ConfigError
+    from chatforge.rl.advantages import ESTIMATORS
+
+    est = ESTIMATORS[p.advantage]
+    if p.samples_per_prompt < 1:
+        raise ConfigError("ppo.samples_per_prompt must be at least 1")
+    if est.grouped and p.samples_per_prompt < 2:
+        raise ConfigError(
+            f"ppo.advantage={p.advantage} compares the answers to one prompt: set ppo.samples_per_prompt "
+            f">= 2 (got {p.samples_per_prompt})"
+        )
+    if not est.critic:
+        default = {f.name: f.default for f in fields(PPOConfig) if f.name in CRITIC_KEYS}
+        set_ = [f"ppo.{k}" for k in CRITIC_KEYS if getattr(p, k) != default[k]]
+        if set_:
+            raise ConfigError(
+                f"ppo.advantage={p.advantage} learns no critic, but {', '.join(set_)} "
+                f"{'is' if len(set_) == 1 else 'are'} set: drop {'it' if len(set_) == 1 else 'them'} "
+                "or use ppo.advantage=gae"
+            )
+    if p.mini_batch_size > 0 and (p.rollout_batch_size * p.samples_per_prompt) % p.mini_batch_size:
+        raise ConfigError(
+            f"ppo.rollout_batch_size x ppo.samples_per_prompt ({p.rollout_batch_size} x "
+            f"{p.samples_per_prompt}) must be a multiple of ppo.mini_batch_size ({p.mini_batch_size})"
+        )
+
+
 def check(cfg: Config) -> None:
     from chatforge.errors import ConfigError
 
     p = cfg.ppo
+    check_estimator(p)
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one prompt file")
     if not p.reward_functions and not p.reward_model:
@@ -137,11 +178,6 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             "ppo.rollout_batch_size, ppo.ppo_epochs, ppo.mini_batch_size and ppo.forward_batch_size "
             "must be at least 1"
-        )
-    if p.rollout_batch_size % p.mini_batch_size:
-        raise ConfigError(
-            f"ppo.rollout_batch_size ({p.rollout_batch_size}) must be a multiple of ppo.mini_batch_size "
-            f"({p.mini_batch_size})"
         )
     if p.ptx_coef > 0 and not p.ptx_data:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data (SFT files for the pretraining-loss mix)")
@@ -169,6 +205,7 @@ def run(cfg: Config) -> str:
     from chatforge.data.prompts import build_prompt_examples, prompt_budget, prompts_for_step, require_answers
     from chatforge.models.load import load_tokenizer, pick_device
     from chatforge.rl import experience as xp
+    from chatforge.rl.advantages import ESTIMATORS
     from chatforge.rl.kl_control import kl_controller
     from chatforge.rl.rewards import RuleRewards
     from chatforge.rl.roles import build_roles
@@ -201,6 +238,10 @@ def run(cfg: Config) -> str:
         if rules.needs_answers:
             require_answers(items, ", ".join(rules.needs_answers))
     roles = build_roles(cfg, device)
+    has_critic = ESTIMATORS[p.advantage].critic
+    if not has_critic:  # nothing trains the (unused) value head; DDP wants no unused trainables
+        roles.critic.head.requires_grad_(False)
+        roles.notes["critic"] = f"none (ppo.advantage={p.advantage} learns no value function)"
     # log-probs of the tempered distribution the rollouts are sampled from (actor and reference)
     for m in {id(x): x for x in (roles.policy, roles.ref_policy) if x is not None}.values():
         m.temperature = gen_cfg.temperature
@@ -208,7 +249,8 @@ def run(cfg: Config) -> str:
     log(roles.describe())
     ptx = _ptx_items(cfg, roles.tokenizer) if p.ptx_coef > 0 else []
     steps = total_steps(cfg, len(items), world)
-    per_rollout = p.ppo_epochs * (p.rollout_batch_size // p.mini_batch_size)
+    answers = p.samples_per_prompt
+    per_rollout = p.ppo_epochs * (p.rollout_batch_size * answers // p.mini_batch_size)
     model = roles.model()
     trainer = Trainer(model, cfg.train, steps * per_rollout, param_groups(model, p.critic_lr), device)
     kl_ctl = kl_controller(p.kl_coef, p.kl_target, p.kl_horizon)
@@ -226,11 +268,17 @@ def run(cfg: Config) -> str:
         ppo_loss,
         clip_eps=p.clip_eps,
         value_clip_eps=p.value_clip_eps,
-        vf_coef=p.vf_coef,
+        vf_coef=p.vf_coef if has_critic else 0.0,
         reduction=reduction,
         split=split,
     )
     units_fn = partial(ppo_units, reduction=reduction)
+
+    def all_sum(t):  # sums over processes: the global whitening of the advantages
+        if trainer.world == 1:
+            return t
+        return trainer.acc.reduce(t.to(trainer.acc.device), "sum").to(t.device)
+
     bs = cfg.train.batch_size
     bar = trainer.progress(initial=start * per_rollout, desc="ppo")
     done, rng, kl_state = start, _rng_state(), kl_ctl.state_dict()
@@ -238,9 +286,16 @@ def run(cfg: Config) -> str:
         for step in range(start, steps):
             # under DDP each process takes its own slice of the step's global batch of prompts
             rank, rb = trainer.acc.process_index, p.rollout_batch_size
-            prompts = prompts_for_step(items, step, rb * world, cfg.train.seed)[rank * rb : (rank + 1) * rb]
+            chosen = prompts_for_step(items, step, rb * world, cfg.train.seed)[rank * rb : (rank + 1) * rb]
+            prompts = [q for q in chosen for _ in range(answers)]  # the answers to one prompt adjacent
+            seeds = None
+            if gen_cfg.seed_per_row:  # by place in the step's global batch, as in GRPO
+                first = rank * len(prompts)
+                seeds = [
+                    (cfg.train.seed * 1_000_003 + step) * 1_000_033 + first + i for i in range(len(prompts))
+                ]
             t0 = time.perf_counter()
-            gen = xp.sample(roles, prompts, gen_cfg, p.generation_batch_size)
+            gen = xp.sample(roles, prompts, gen_cfg, p.generation_batch_size, seeds)
             t1 = time.perf_counter()
             rollout, parts = xp.score(roles, scorer, prompts, gen, p.score_clip, p.missing_eos_penalty)
             t2 = time.perf_counter()
@@ -256,6 +311,9 @@ def run(cfg: Config) -> str:
                 trainer.acc.device,
                 trainer.acc.autocast,
                 cfg.data.pad_to_multiple_of,
+                p.advantage,
+                answers,
+                all_sum,
             )
             t3 = time.perf_counter()
             sums: dict[str, float] = {}
@@ -282,14 +340,13 @@ def run(cfg: Config) -> str:
             metrics = {k: v / n_updates for k, v in sums.items()}
             # rollout statistics are means over equal-sized rollouts: average them over processes
             metrics.update({k: trainer.global_sum(v) / world for k, v in {**stats, **parts}.items()})
+            if has_critic:
+                ev = explained_variance(exp.old_values, exp.returns, exp.response_mask)
+                metrics["explained_variance"] = trainer.global_sum(ev) / world
             metrics.update(
                 {
                     "ppo_step": step + 1,
                     "kl_coef": kl_ctl.value,
-                    "explained_variance": trainer.global_sum(
-                        explained_variance(exp.old_values, exp.returns, exp.response_mask)
-                    )
-                    / world,
                     "gen_tokens_per_s": round(rollout.tokens_per_s, 1),
                     "time/generate": round(t1 - t0, 3),
                     "time/score": round(t2 - t1, 3),
@@ -297,7 +354,7 @@ def run(cfg: Config) -> str:
                     "time/learn": round(t4 - t3, 3),
                 }
             )
-            kl_ctl.update(metrics["kl"], p.rollout_batch_size * world)  # the same on every process
+            kl_ctl.update(metrics["kl"], len(exp) * world)  # the same on every process
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
                 trainer.log(metrics)
             if p.samples_every and (step + 1) % p.samples_every == 0 and trainer.is_main:
@@ -317,7 +374,7 @@ def run(cfg: Config) -> str:
         raise
     finally:
         trainer.close()
-    final = trainer.save_final(partial(save_actor, roles))
+    final = trainer.save_final(partial(save_actor, roles, critic=has_critic))
     log(f"done: {final}")
     return str(final)
 
@@ -349,8 +406,9 @@ def _ptx_batch(items, opt_step: int, size: int, coef: float, tokenizer, cfg, ran
     return batch
 
 
-def save_actor(roles, tmp: Path) -> None:
-    """final/: the actor (a peft adapter dir, or a full model dir), the critic in final/critic/."""
+def save_actor(roles, tmp: Path, critic: bool = True) -> None:
+    """final/: the actor (a peft adapter dir, or a full model dir), the critic (when there is one)
+    in final/critic/."""
     import shutil
 
     from chatforge.models.adapters import save_final
@@ -366,7 +424,8 @@ def save_actor(roles, tmp: Path) -> None:
         shutil.move(str(f), tmp / f.name)
     (tmp / "actor").rmdir()
     tok.save_pretrained(tmp)
-    roles.critic.save_head(tmp / "critic")
+    if critic:
+        roles.critic.save_head(tmp / "critic")
 
 
 def write_samples(path: Path, step: int, prompts, rollout, n: int = 4) -> None:
