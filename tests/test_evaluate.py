@@ -89,15 +89,19 @@ def test_reward_win_rate_and_perplexity(tiny_model_dir, jsonl, tmp_path):
 
 def test_accuracy_per_task_and_verifier_rules():
     items = [
-        {"answer": "7", "task": "arithmetic"},
-        {"answer": "7", "task": "arithmetic"},
+        {"answer": "7", "task": "units"},
+        {"answer": "7", "task": "units"},
         {"answer": '{"a": "b"}', "task": "format"},
+        {"answer": "7", "task": "arithmetic"},  # arithmetic is judged on the final answer
+        {"answer": "7", "task": "arithmetic"},
     ]
-    result = accuracy(items, ["7.", "The answer is 7.", '{"a":"b"}'])
-    assert result["is_correct"] == [True, False, True]
+    responses = ["7.", "The answer is 7.", '{"a":"b"}', "3 + 4 = 7. The answer is 7.", "3 + 4 = 8."]
+    result = accuracy(items, responses)
+    assert result["is_correct"] == [True, False, True, True, False]
     assert result["per_task"] == {
         "arithmetic": {"accuracy": 0.5, "n": 2},
         "format": {"accuracy": 1.0, "n": 1},
+        "units": {"accuracy": 0.5, "n": 2},
     }
 
 

@@ -143,3 +143,18 @@ def test_held_out_pairs_have_their_own_size(tiny_model_dir, tmp_path):
     paths = pipeline.write_data(cfg, tmp_path / "run")
     lines = {k: len(v.read_text().splitlines()) for k, v in paths.items()}
     assert lines == {"sft": 4, "preference": 4, "rl": 4, "eval": 6, "preference_eval": 3}
+
+
+def test_task_demos_choose_worked_steps_or_bare_answers(tiny_model_dir, tmp_path):
+    def sft_answers(run, *overrides):
+        cfg = pipeline_config(tiny_model_dir, run, "pipeline.task=arithmetic", *overrides)
+        path = pipeline.write_data(cfg, run)["sft"]
+        return [json.loads(line)["messages"][1]["content"] for line in path.read_text().splitlines()]
+
+    worked = sft_answers(tmp_path / "steps")  # the default
+    bare = sft_answers(tmp_path / "bare", "pipeline.task_demos=answer")
+    assert all(" = " in a and a.startswith(tuple("0123456789")) and "The answer is" in a for a in worked)
+    assert all(a.isdigit() for a in bare)
+    assert [a.rsplit(" ", 1)[1].rstrip(".") for a in worked] == bare
+    with pytest.raises(ConfigError, match="task_demos"):
+        pipeline_config(tiny_model_dir, tmp_path / "x", "pipeline.task_demos=cot")

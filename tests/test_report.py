@@ -13,7 +13,7 @@ ITEMS = [{"prompt": f"What is {i} + 1? Answer with just the number.", "answer": 
 
 
 def _eval(run, label, responses, reward, scores=None):
-    items = [{**it, "task": "arithmetic"} for it in ITEMS]
+    items = [{**it, "task": "units"} for it in ITEMS]  # strict: "The answer is 1." is wrong
     result = {
         "label": label,
         "data": str(run / "data" / "eval.jsonl"),

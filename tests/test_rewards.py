@@ -18,10 +18,19 @@ def test_builtins_score_as_documented():
     _, parts = RuleRewards(list(BUILTINS))(PROMPTS, responses, answers)
     assert parts["exact_match"] == [1.0, 0.0, 0.0]
     assert parts["numeric_match"] == [1.0, 1.0, 0.0]  # the JSON holds 1, not 5
+    assert parts["final_answer"] == [1.0, 1.0, 0.0]
     assert parts["non_empty"] == [1.0, 1.0, 1.0]
     assert parts["single_line"] == [1.0, 1.0, 1.0]
     assert parts["valid_json"] == [1.0, 0.0, 1.0]
     assert parts["length_penalty"] == [-1 / 200, -16 / 200, -8 / 200]
+
+
+def test_final_answer_reads_worked_steps():
+    responses = ["2 + 3 = 5. The answer is 5.", "2 + 3 = 6. The answer is 6.", "The answer is 5, not 6."]
+    assert RuleRewards(["final_answer"])(PROMPTS, responses, ["5"] * 3)[0] == [1.0, 0.0, 1.0]
+    assert RuleRewards(["exact_match"])(PROMPTS, responses, ["5"] * 3)[0] == [0.0, 0.0, 0.0]
+    assert RuleRewards(["final_answer"])(["q"], ['{"a": 1}'], ['{"a":1}'])[0] == [1.0]  # non-numbers: exact
+    assert RuleRewards(["final_answer", "non_empty"]).needs_answers == ["final_answer"]
 
 
 def test_missing_answers_score_zero_not_crash():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -13,6 +14,7 @@ from chatforge.data.tasks import (
     SPLITS,
     TASKS,
     extract_number,
+    final_number,
     generate,
     make_task_data,
     parse_sizes,
@@ -86,8 +88,11 @@ def test_chosen_passes_and_rejected_fails(task):
             assert user["role"] == "user" and assistant["role"] == "assistant"
         for r in data["preference"]:
             kind = "mixed" if task == "mixed" else task
-            assert verify(kind, r["chosen"], r["chosen"])
-            assert not verify(kind, r["rejected"], r["chosen"]), r
+            answer = r["chosen"]
+            if "The answer is" in answer:  # a worked arithmetic demonstration: judged on its final answer
+                kind, answer = "arithmetic", str(final_number(answer))
+            assert verify(kind, r["chosen"], answer)
+            assert not verify(kind, r["rejected"], answer), r
         for r in data["rl"] + data["eval"]:
             assert verify(task, r["answer"], r["answer"])
 
@@ -106,8 +111,10 @@ def test_rejected_kinds_are_varied():
     assert any(r["chosen"].isupper() and r["rejected"] == r["chosen"].lower() for r in prefs)  # wrong case
     assert any(r["rejected"].startswith("{") and not _is_json(r["rejected"]) for r in prefs)  # malformed JSON
     nums = make_task_data("arithmetic", 0, SMALL)["preference"]
-    assert any(r["rejected"].startswith("The answer is") for r in nums)  # verbose
-    assert any(r["rejected"].isdigit() and abs(int(r["rejected"]) - int(r["chosen"])) == 1 for r in nums)
+    assert any(r["rejected"].startswith("The answer is") for r in nums)  # worded, wrong number
+    assert any(" = " in r["rejected"] for r in nums)  # worked steps with a slip
+    right = [int(r["chosen"].rsplit(" ", 1)[1].rstrip(".")) for r in nums]
+    assert any(r["rejected"].isdigit() and abs(int(r["rejected"]) - a) == 1 for r, a in zip(nums, right))
 
 
 def _is_json(text):
@@ -145,6 +152,132 @@ def test_train_and_eval_are_disjoint():
     # Arithmetic names differ between splits as well.
     evals = [generate("arithmetic", rng, "eval").prompt for _ in range(300)]
     assert not any(name in prompt.split() for prompt in evals for name in tasks._NAMES["train"])
+
+
+@pytest.mark.parametrize(
+    "response, ok",
+    [
+        ("22", True),
+        (" 22.\n", True),
+        ("3 x 6 = 18. 18 + 4 = 22. The answer is 22.", True),
+        ("The answer is 22 shells.", True),
+        ("The answer is: 22", True),
+        ("Final answer: **22**", True),
+        ("So the answer is 22, because 18 + 4 = 22.", True),
+        ("The answer is 22. Tom had 4 more than 18.", True),  # the stated answer, not the last number
+        ("18 + 4 = 22", True),  # no stated answer: the last number
+        ("Tom has 22 shells.", True),
+        ("22.0", True),
+        ("3 x 6 = 18. 18 + 4 = 23. The answer is 23.", False),
+        ("The answer is 23. 22 is wrong.", False),
+        ("3 x 6 = 18. The answer is 18. Plus 4 makes 22.", False),
+        ("22 or 23? The answer is 23.", False),
+        ("18 + 4", False),
+        ("I do not know.", False),
+        ("", False),
+        ("-22", False),
+        ("220", False),
+    ],
+)
+def test_arithmetic_verify_reads_the_final_answer(response, ok):
+    assert verify("arithmetic", response, "22") is ok
+    assert verify("units", response, "22") is (response.strip().rstrip(".") == "22")  # units stay strict
+
+
+def test_final_number():
+    assert final_number("3 x 6 = 18. 18 + 4 = 22. The answer is 22.") == 22
+    assert final_number("the ANSWER IS 1,200 stamps") == 1200
+    assert final_number("My answer = 7; 8 is not it") == 7
+    assert final_number("The answer is unclear, maybe 5") == 5  # no number after the mark: the last one
+    assert final_number("It is -3.") == -3
+    assert final_number("nothing") is None
+
+
+def _frame(problem):
+    """The prompt with its numbers, name and object replaced: what is left is the template."""
+    text = re.sub(r"\d+", "#", problem.prompt)
+    words = [w for split in ("train", "eval") for w in tasks._NAMES[split] + tasks._OBJECTS[split]]
+    return re.sub(r"\b(" + "|".join(words) + r")\b", "_", text)
+
+
+def _ngrams(text, n=4):
+    words = re.findall(r"[a-z]+", text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_arithmetic_eval_split_differs_in_names_objects_and_phrasing():
+    for split in ("train", "eval"):
+        assert set(tasks._TEMPLATES[split]) == set(tasks._ARITHMETIC_KINDS)
+    assert not set(tasks._NAMES["train"]) & set(tasks._NAMES["eval"])
+    assert not set(tasks._OBJECTS["train"]) & set(tasks._OBJECTS["eval"])
+    train_t = [t for ts in tasks._TEMPLATES["train"].values() for t in ts]
+    eval_t = [t for ts in tasks._TEMPLATES["eval"].values() for t in ts]
+    assert not set(train_t) & set(eval_t)
+    # Other phrasings, not the same sentences with a word swapped: no run of 4 words in common.
+    shared = {g for t in train_t for g in _ngrams(t)} & {g for t in eval_t for g in _ngrams(t)}
+    assert not shared, shared
+    rng = random.Random(0)
+    train = [generate("arithmetic", rng, "train") for _ in range(1500)]
+    evals = [generate("arithmetic", rng, "eval") for _ in range(500)]
+    for problems, split in ((train, "train"), (evals, "eval")):
+        words = {w for p in problems for w in re.findall(r"[A-Za-z]+", p.prompt)}
+        other = "eval" if split == "train" else "train"
+        assert not words & set(tasks._NAMES[other] + tasks._OBJECTS[other]), split
+        # every template of the split is drawn
+        assert len({_frame(p) for p in problems}) == sum(map(len, tasks._TEMPLATES[split].values()))
+    assert not {_frame(p) for p in train} & {_frame(p) for p in evals}
+    data = make_task_data("arithmetic", 0, {"sft": 300, "preference": 0, "rl": 100, "eval": 400})
+    seen = {_frame_text(r["messages"][0]["content"]) for r in data["sft"]}
+    seen |= {_frame_text(r["prompt"]) for r in data["rl"]}
+    assert not seen & {_frame_text(r["prompt"]) for r in data["eval"]}
+
+
+def _frame_text(prompt):
+    return _frame(tasks.Problem("arithmetic", prompt, "", (), ()))
+
+
+def _check_steps(solution, answer):
+    """Every `x op y = z.` step is true, each step starts from the previous result, the last one
+    gives ANSWER and "The answer is ANSWER." closes; returns the numbers the steps take in."""
+    *steps, last = solution.split(". ")
+    assert last == f"The answer is {answer}.", solution
+    previous, operands = None, []
+    for step in steps:
+        m = re.fullmatch(r"(\d+) ([-+x]) (\d+) = (\d+)", step)
+        assert m, solution
+        x, op, y, z = int(m[1]), m[2], int(m[3]), int(m[4])
+        assert z == {"+": x + y, "-": x - y, "x": x * y}[op], solution
+        assert previous is None or x == previous, solution
+        operands += [x, y] if previous is None else [y]
+        previous = z
+    assert previous == int(answer), solution
+    return operands
+
+
+def test_arithmetic_demonstrations_show_worked_steps():
+    data = make_task_data("arithmetic", 0, SMALL)
+    two_step = 0
+    for r in data["sft"]:
+        prompt, demo = r["messages"][0]["content"], r["messages"][1]["content"]
+        answer = str(final_number(demo))
+        # the steps take the prompt's numbers in order
+        assert _check_steps(demo, answer) == [int(n) for n in re.findall(r"\d+", prompt)]
+        assert verify("arithmetic", demo, answer)
+        two_step += demo.count("=") == 2
+    assert 0 < two_step < len(data["sft"])
+    for r in data["preference"]:
+        _check_steps(r["chosen"], str(final_number(r["chosen"])))
+    # The bare variant: same prompts, the answer alone; RL and eval records do not change.
+    bare = make_task_data("arithmetic", 0, SMALL, demos="answer")
+    assert [r["messages"][0] for r in bare["sft"]] == [r["messages"][0] for r in data["sft"]]
+    assert [r["messages"][1]["content"] for r in bare["sft"]] == [
+        str(final_number(r["messages"][1]["content"])) for r in data["sft"]
+    ]
+    assert bare["rl"] == data["rl"] and bare["eval"] == data["eval"]
+    # Tasks without steps show the answer either way.
+    assert make_task_data("format", 0, SMALL) == make_task_data("format", 0, SMALL, demos="answer")
+    with pytest.raises(ValueError, match="unknown demos"):
+        make_task_data("arithmetic", 0, SMALL, demos="chain")
 
 
 def test_made_eval_split_is_unseen_and_unique():

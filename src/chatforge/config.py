@@ -258,6 +258,11 @@ class PipelineConfig:
     overrides: dict = opt({}, "per-stage overrides: {stage: {dotted.key: value}}")
     task: str = opt("", "built-in task whose data the pipeline writes first (chatforge.data.tasks)")
     task_seed: int = opt(0, "seed of the built-in task data")
+    task_demos: str = opt(
+        "steps",
+        "SFT demonstrations of the built-in task: steps (worked steps then 'The answer is N', where the "
+        "task has them: arithmetic) or answer (the bare answer)",
+    )
     task_sizes: dict = opt(
         {},
         "records per split of the task data, e.g. {sft: 2000, eval: 200}; preference_eval: held-out "
@@ -308,6 +313,7 @@ _RULES = [
     ("generate.temperature", lambda v: v > 0, "a positive number"),
     ("generate.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("grpo.num_generations", lambda v: v >= 2, "at least 2 (groups need two answers to compare)"),
+    ("pipeline.task_demos", lambda v: v in ("steps", "answer"), "steps or answer"),
 ]
 
 

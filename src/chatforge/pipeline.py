@@ -85,10 +85,10 @@ def write_data(cfg: Config, run: Path) -> dict[str, Path]:
     if all(p.is_file() for p in paths.values()):
         return paths
     p = cfg.pipeline
-    log(f"writing built-in task data '{p.task}' (seed {p.task_seed}) to {out}")
+    log(f"writing built-in task data '{p.task}' (seed {p.task_seed}, demos {p.task_demos}) to {out}")
     sizes = dict(p.task_sizes)
     n = int(sizes.pop("preference_eval", sizes.get("eval", 200)))
-    write_task_data(p.task, out, seed=p.task_seed, sizes=sizes or None)
+    write_task_data(p.task, out, seed=p.task_seed, sizes=sizes or None, demos=p.task_demos)
     # Reward-model accuracy is measured on pairs from the eval split, which training never sees.
     rng = random.Random(f"chatforge.pipeline/{p.task}/{p.task_seed}/preference_eval")
     with open(paths["preference_eval"], "w") as f:

@@ -58,10 +58,17 @@ def data_main(argv: list[str]) -> int:
     make.add_argument("out_dir")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--sizes", default="", help="e.g. sft=2000,preference=2000,rl=1000,eval=200")
+    make.add_argument(
+        "--demos",
+        default="steps",
+        choices=["steps", "answer"],
+        help="SFT answers: worked steps or bare answer",
+    )
     args = p.parse_args(argv)
     from chatforge.data.tasks import parse_sizes, write_task_data
 
-    paths = write_task_data(args.task, args.out_dir, seed=args.seed, sizes=parse_sizes(args.sizes) or None)
+    sizes = parse_sizes(args.sizes) or None
+    paths = write_task_data(args.task, args.out_dir, seed=args.seed, sizes=sizes, demos=args.demos)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

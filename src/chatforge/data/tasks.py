@@ -3,14 +3,16 @@
 Three kinds of short problems with one exact answer each, sized so SmolLM2-135M learns them in a few
 hundred SFT steps and still has room to improve under RL (prompts < 60 tokens, answers < 20):
 
-- `arithmetic`: one- or two-step word problems with small integers;
+- `arithmetic`: one- or two-step word problems with small integers, demonstrated with worked steps
+  ("3 x 6 = 18. 18 + 4 = 22. The answer is 22.") and judged on the final answer;
 - `units`: unit conversions with small integers (meters -> centimeters, hours -> minutes, ...);
 - `format`: format-following (upper/lower case, first letter, JSON objects with given keys);
 - `mixed`: any of them.
 
 Every problem has a key (template and numbers or words, never names); a hash of the key puts it in
-the train or the eval split, so an eval problem never appears in train under any name, and the
-arithmetic names differ between splits too. `make_task_data` turns problems into SFT, preference,
+the train or the eval split, so an eval problem never appears in train under any name; arithmetic
+eval problems also use other names, objects and sentence templates than training ones, so the eval
+split measures solving word problems, not recalling the training sentences. `make_task_data` turns problems into SFT, preference,
 RL and eval records; `verify` is the exact checker that rule-based rewards and evaluation use.
 
     >>> item = sample("arithmetic", random.Random(0))
@@ -38,6 +40,10 @@ SPLITS = ("sft", "preference", "rl", "eval")
 DEFAULT_SIZES = {"sft": 2000, "preference": 2000, "rl": 1000, "eval": 200}
 EVAL_FRACTION = 0.2
 JUST_NUMBER = "Answer with just the number."
+DEMOS = (
+    "steps",
+    "answer",
+)  # what SFT demonstrations show: worked steps (where a task has them) or the answer
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class Problem:
     answer: str
     key: tuple
     wrong: tuple[str, ...]
+    solution: str = ""  # worked steps ending in "The answer is N."; empty where a task has none
 
     def item(self) -> dict:
         return {"prompt": self.prompt, "answer": self.answer, "task": self.task}
@@ -87,48 +94,105 @@ def _wrong(answer: str, *candidates) -> tuple[str, ...]:
 
 # Arithmetic ------------------------------------------------------------------------------------------
 
-# Disjoint name lists keep eval prompts unseen even in their wording.
+# Each split has its own names, objects and sentence templates, so an eval problem is new in its
+# wording, not only in its numbers: the eval split measures whether the model solves word problems,
+# not whether it learned the training sentences. Templates take the numbers in order a, b, c; the
+# worked steps follow from the kind alone.
 _NAMES = {
     "train": ["Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Jack", "Emma", "Leo", "Sara", "Max", "Nora"],
     "eval": ["Kate", "Ivan", "Rosa", "Hugo", "Nina", "Carl", "Ella", "Omar"],
 }
-_ITEMS = ["apples", "pencils", "stickers", "books", "marbles", "cookies", "cards", "stamps", "shells"]
+_OBJECTS = {
+    "train": ["apples", "pencils", "stickers", "books", "marbles", "cookies", "cards", "toys", "eggs"],
+    "eval": ["stamps", "shells", "coins", "beads", "buttons", "ribbons", "candles"],
+}
+_TEMPLATES = {
+    "train": {
+        "add": [
+            "{n} has {a} {o} and buys {b} more. How many {o} does {n} have now?",
+            "{n} had {a} {o}. A friend gave {n} {b} more. How many {o} does {n} have?",
+            "There are {a} {o} in a box and {n} puts in {b} more. How many {o} are in the box?",
+        ],
+        "sub": [
+            "{n} has {a} {o} and gives {b} to a friend. How many {o} does {n} have left?",
+            "{n} had {a} {o} and sold {b} of them. How many {o} does {n} have left?",
+            "There are {a} {o} on the table. {n} takes {b} away. How many {o} are left on the table?",
+        ],
+        "mul": [
+            "{n} buys {a} bags with {b} {o} in each bag. How many {o} does {n} buy?",
+            "{n} has {a} boxes and each box holds {b} {o}. How many {o} does {n} have?",
+            "There are {a} plates with {b} {o} on each plate. How many {o} are there?",
+        ],
+        "add_sub": [
+            "{n} has {a} {o}, buys {b} more and then gives away {c}. How many {o} does {n} have now?",
+            "{n} had {a} {o}. {n} got {b} more and then sold {c}. How many {o} does {n} have left?",
+            "There are {a} {o} in a box. {n} puts in {b} more and takes out {c}. How many {o} are in the box?",
+        ],
+        "mul_add": [
+            "{n} has {a} boxes with {b} {o} in each box and {c} more {o}. How many {o} does {n} have in total?",
+            "{n} buys {a} bags with {b} {o} in each bag and {c} single {o}. How many {o} does {n} buy?",
+            "There are {a} plates with {b} {o} on each plate and {c} {o} on the table. How many {o} are there?",
+        ],
+    },
+    "eval": {
+        "add": [
+            "{n} collected {a} {o} on Monday and {b} on Tuesday. What is the total number of {o}?",
+            "A shelf holds {a} {o}. {n} adds another {b}. Count the {o} on the shelf now.",
+        ],
+        "sub": [
+            "{n} started with {a} {o} but lost {b}. How many {o} remain?",
+            "Out of {a} {o}, {n} used {b}. What number of {o} is still unused?",
+        ],
+        "mul": [
+            "{n} arranges {o} in {a} rows of {b}. What is the total count of {o}?",
+            "Each of {n}'s {a} jars contains {b} {o}. Find the number of {o} in all the jars.",
+        ],
+        "add_sub": [
+            "{n} owned {a} {o}, received {b} as a gift, and later lost {c}. What number of {o} remain?",
+            "A jar held {a} {o}. {n} dropped in {b} and then removed {c}. Count the {o} in the jar now.",
+        ],
+        "mul_add": [
+            "{n} packs {a} crates, putting {b} {o} into every crate, plus {c} loose {o}. What is the total?",
+            "Picture {a} rows of {b} {o} with {c} extra {o} beside them. Find the total number of {o}.",
+        ],
+    },
+}
+_ARITHMETIC_KINDS = ("add", "sub", "mul", "add_sub", "mul_add")
 
 
 def _arithmetic(rng: random.Random, split: str) -> Problem:
-    name, things = rng.choice(_NAMES[split]), rng.choice(_ITEMS)
-    kind = rng.choice(["add", "sub", "mul", "add_sub", "mul_add"])
+    name, things = rng.choice(_NAMES[split]), rng.choice(_OBJECTS[split])
+    kind = rng.choice(_ARITHMETIC_KINDS)
     if kind == "add":
         a, b = rng.randint(2, 20), rng.randint(1, 20)
-        nums, ans, alt = (a, b), a + b, [abs(a - b), a * b]
-        text = f"{name} has {a} {things} and buys {b} more. How many {things} does {name} have now?"
+        nums, ans, steps, alt = (a, b), a + b, [f"{a} + {b} = {a + b}."], [abs(a - b), a * b]
     elif kind == "sub":
         a = rng.randint(2, 20)
         b = rng.randint(1, a - 1)
-        nums, ans, alt = (a, b), a - b, [a + b]
-        text = f"{name} has {a} {things} and gives {b} to a friend. How many {things} does {name} have left?"
+        nums, ans, steps, alt = (a, b), a - b, [f"{a} - {b} = {a - b}."], [a + b]
     elif kind == "mul":
         a, b = rng.randint(2, 9), rng.randint(2, 9)
-        nums, ans, alt = (a, b), a * b, [a + b, a * (b + 1)]
-        text = f"{name} buys {a} bags with {b} {things} in each bag. How many {things} does {name} buy?"
+        nums, ans, steps, alt = (a, b), a * b, [f"{a} x {b} = {a * b}."], [a + b, a * (b + 1)]
     elif kind == "add_sub":
         a, b = rng.randint(2, 15), rng.randint(1, 15)
         c = rng.randint(1, a + b - 1)
         nums, ans, alt = (a, b, c), a + b - c, [a + b + c, a + b]
-        text = (
-            f"{name} has {a} {things}, buys {b} more and then gives away {c}. "
-            f"How many {things} does {name} have now?"
-        )
+        steps = [f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {ans}."]
     else:
         a, b, c = rng.randint(2, 6), rng.randint(2, 9), rng.randint(1, 9)
         nums, ans, alt = (a, b, c), a * b + c, [a * b, a + b + c]
-        text = (
-            f"{name} has {a} boxes with {b} {things} in each box and {c} more {things}. "
-            f"How many {things} does {name} have in total?"
-        )
+        steps = [f"{a} x {b} = {a * b}.", f"{a * b} + {c} = {ans}."]
+    template = rng.choice(_TEMPLATES[split][kind])
+    prompt = template.format(n=name, o=things, **dict(zip("abc", nums)))
     answer = str(ans)
-    wrong = _wrong(answer, ans + 1, ans - 1, *alt, f"{name} has {ans} {things}.", f"The answer is {ans}.")
-    return Problem("arithmetic", f"{text} {JUST_NUMBER}", answer, ("arithmetic", kind, *nums), wrong)
+    solution = " ".join([*steps, f"The answer is {ans}."])
+    # Slips a learner makes: off by one, the wrong operation, a right step then a wrong last one.
+    slip = " ".join([*steps[:-1], steps[-1].rsplit("=", 1)[0] + f"= {ans + 1}.", f"The answer is {ans + 1}."])
+    wrong = _wrong(
+        answer, ans + 1, ans - 1, *alt, f"{name} has {ans + 1} {things}.", f"The answer is {alt[0]}.", slip
+    )
+    wrong = tuple(w for w in wrong if not verify("arithmetic", w, answer))  # e.g. 2 x 2 = 2 + 2
+    return Problem("arithmetic", prompt, answer, ("arithmetic", kind, *nums), wrong, solution)
 
 
 # Units -----------------------------------------------------------------------------------------------
@@ -351,17 +415,50 @@ def _normalise(text: str) -> str:
     return text[:-1].rstrip() if text.endswith(".") else text
 
 
+_ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:|=)", re.IGNORECASE)
+
+
+def _as_number(s: str) -> int | float:
+    s = s.replace(",", "")
+    return float(s) if "." in s else int(s)
+
+
+def final_number(text: str) -> int | float | None:
+    """The number a worked answer ends on: the first number after its last "answer is" (or
+    "answer:"), else the last number in the text; None without any number.
+
+    >>> final_number("3 x 6 = 18. 18 + 4 = 22. The answer is 22.")
+    22
+    >>> final_number("The answer is 22 shells, 4 more than 18."), final_number("So 3 + 4 = 7")
+    (22, 7)
+    >>> final_number("Final answer: **1,200**"), final_number("I do not know.")
+    (1200, None)
+    """
+    marks = list(_ANSWER_MARK.finditer(text))
+    if marks:
+        found = _NUMBER.search(text, marks[-1].end())
+        if found:
+            return _as_number(found.group())
+    found = _NUMBER.findall(text)
+    return _as_number(found[-1]) if found else None
+
+
 def verify(task: str, response_text: str, answer: str) -> bool:
     """Exact check of a response; the rule follows the answer's form, `task` must be a known task.
 
     Light normalisation only: surrounding whitespace and one trailing period are ignored.
-    - integer answers: the response must be just that integer (`"7"`, `" 7."`, `"1,000"`), so "The
-      answer is 7." fails: the prompts ask for just the number and the demo rewards exact answers;
-      use `extract_number` for a lenient score;
+    - `arithmetic` with an integer answer: the response's final answer (`final_number`: the number
+      after its last "The answer is", else its last number) must equal it, so worked steps
+      ("3 x 6 = 18. 18 + 4 = 22. The answer is 22.") and a bare "22" both count;
+    - other integer answers: the response must be just that integer (`"7"`, `" 7."`, `"1,000"`), so
+      "The answer is 7." fails: those prompts ask for just the number and the demo rewards exact
+      answers; use `extract_number` for a lenient score;
     - JSON answers: the response must parse to an equal JSON value (key order and spacing free);
     - anything else: an exact, case-sensitive string match.
 
-    >>> verify("arithmetic", " 7.", "7"), verify("arithmetic", "The answer is 7.", "7")
+    >>> verify("units", " 7.", "7"), verify("units", "The answer is 7.", "7")
+    (True, False)
+    >>> verify("arithmetic", "3 + 4 = 7. The answer is 7.", "7"), verify("arithmetic", "3 + 4 = 8.", "7")
     (True, False)
     >>> verify("format", '{"color":"blue"}', '{"color": "blue"}'), verify("format", "blue", "BLUE")
     (True, False)
@@ -369,7 +466,10 @@ def verify(task: str, response_text: str, answer: str) -> bool:
     _task(task)
     text = _normalise(response_text)
     if _PLAIN_INT.fullmatch(answer):
-        return bool(_PLAIN_INT.fullmatch(text)) and int(text.replace(",", "")) == int(answer.replace(",", ""))
+        want = int(answer.replace(",", ""))
+        if task == "arithmetic":
+            return final_number(text) == want
+        return bool(_PLAIN_INT.fullmatch(text)) and int(text.replace(",", "")) == want
     if answer.startswith("{"):
         try:
             return json.loads(text) == json.loads(answer)
@@ -429,21 +529,32 @@ def _rejected(problem: Problem, rng: random.Random) -> str:
     return rng.choice(wrong)
 
 
-def make_task_data(task: str = "mixed", seed: int = 0, sizes: dict[str, int] | None = None) -> dict:
+def make_task_data(
+    task: str = "mixed", seed: int = 0, sizes: dict[str, int] | None = None, demos: str = "steps"
+) -> dict:
     """Records for every stage, deterministic per `(task, seed)`: `{split: [record, ...]}`.
 
-    - `sft`: `{"messages": [{"role": "user", ...}, {"role": "assistant", "content": answer}]}`
+    - `sft`: `{"messages": [{"role": "user", ...}, {"role": "assistant", "content": demonstration}]}`
     - `preference`: `{"prompt", "chosen", "rejected"}`, rejected a plausible wrong or badly formatted one
     - `rl`: `{"prompt", "answer"}` (answers checked with `verify`)
     - `eval`: `{"prompt", "answer", "task"}` from the eval split, disjoint from the others
 
-    `sizes` overrides entries of `DEFAULT_SIZES`.
+    `sizes` overrides entries of `DEFAULT_SIZES`. `demos` picks the demonstrations (SFT answers and
+    chosen responses): `steps` gives the worked steps where the task has them (arithmetic: "3 x 6 =
+    18. 18 + 4 = 22. The answer is 22.") and the answer elsewhere; `answer` always the bare answer.
+    The prompts, RL and eval records are the same for both.
     """
     _task(task)
+    if demos not in DEMOS:
+        raise ValueError(f"unknown demos {demos!r}; known: {', '.join(DEMOS)}")
     unknown = set(sizes or {}) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {', '.join(sorted(unknown))}; known: {', '.join(SPLITS)}")
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
+
+    def shown(p: Problem) -> str:
+        return p.solution if demos == "steps" and p.solution else p.answer
+
     data: dict[str, list[dict]] = {}
     for split in SPLITS:
         problems, rng = _problems(task, seed, split, sizes[split])
@@ -452,14 +563,14 @@ def make_task_data(task: str = "mixed", seed: int = 0, sizes: dict[str, int] | N
                 {
                     "messages": [
                         {"role": "user", "content": p.prompt},
-                        {"role": "assistant", "content": p.answer},
+                        {"role": "assistant", "content": shown(p)},
                     ]
                 }
                 for p in problems
             ]
         elif split == "preference":
             data[split] = [
-                {"prompt": p.prompt, "chosen": p.answer, "rejected": _rejected(p, rng)} for p in problems
+                {"prompt": p.prompt, "chosen": shown(p), "rejected": _rejected(p, rng)} for p in problems
             ]
         elif split == "rl":
             data[split] = [{"prompt": p.prompt, "answer": p.answer} for p in problems]
@@ -469,7 +580,11 @@ def make_task_data(task: str = "mixed", seed: int = 0, sizes: dict[str, int] | N
 
 
 def write_task_data(
-    task: str, out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int] | None = None
+    task: str,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    demos: str = "steps",
 ) -> dict[str, Path]:
     """Write `sft.jsonl`, `preference.jsonl`, `rl.jsonl` and `eval.jsonl` under `out_dir`.
 
@@ -478,7 +593,7 @@ def write_task_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, records in make_task_data(task, seed, sizes).items():
+    for split, records in make_task_data(task, seed, sizes, demos).items():
         path = out / f"{split}.jsonl"
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:

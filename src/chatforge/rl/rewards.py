@@ -12,6 +12,8 @@ built-ins go by name:
 
     exact_match     1 if the response is exactly the answer (chatforge.data.tasks.verify rules)
     numeric_match   1 if the last number in the response equals the answer's number
+    final_answer    1 if the response's final answer (the number after its last "The answer is", else
+                    its last number) equals the answer: worked steps count (the arithmetic task's rule)
     non_empty       1 if the response has any non-space text
     single_line     1 if the response is one non-empty line
     valid_json      1 if the response parses as JSON
@@ -68,6 +70,20 @@ def numeric_match(prompts: list[str], responses: list[str], answers: list) -> li
     return out
 
 
+def final_answer(prompts: list[str], responses: list[str], answers: list) -> list[float]:
+    """1.0 where the response's final answer is the answer, read as `verify` reads arithmetic.
+
+    The number after the last "The answer is" (or "answer:"), else the last number; answers that are
+    not integers must match exactly.
+
+    >>> final_answer(["q"] * 3, ["3 x 6 = 18. 18 + 4 = 22. The answer is 22.", "22", "18 + 4 = 23."], ["22"] * 3)
+    [1.0, 1.0, 0.0]
+    """
+    from chatforge.data.tasks import verify
+
+    return [float(a is not None and verify("arithmetic", r, a)) for r, a in zip(responses, answers)]
+
+
 def non_empty(prompts: list[str], responses: list[str], answers: list) -> list[float]:
     """1.0 where the response has any non-space text.
 
@@ -114,12 +130,13 @@ def length_penalty(prompts: list[str], responses: list[str], answers: list) -> l
 BUILTINS: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "numeric_match": numeric_match,
+    "final_answer": final_answer,
     "non_empty": non_empty,
     "single_line": single_line,
     "valid_json": valid_json,
     "length_penalty": length_penalty,
 }
-NEEDS_ANSWER = ("exact_match", "numeric_match")
+NEEDS_ANSWER = ("exact_match", "numeric_match", "final_answer")
 
 
 def resolve(spec: str) -> RewardFn:
