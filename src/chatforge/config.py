@@ -262,6 +262,7 @@ class PipelineConfig:
         "steps",
         "SFT demonstrations of the built-in task: steps (worked steps then 'The answer is N', where the "
         "task has them: arithmetic) or answer (the bare answer)",
+        ("steps", "answer"),
     )
     task_sizes: dict = opt(
         {},
@@ -313,7 +314,6 @@ _RULES = [
     ("generate.temperature", lambda v: v > 0, "a positive number"),
     ("generate.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("grpo.num_generations", lambda v: v >= 2, "at least 2 (groups need two answers to compare)"),
-    ("pipeline.task_demos", lambda v: v in ("steps", "answer"), "steps or answer"),
 ]
 
 
