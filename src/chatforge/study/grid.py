@@ -4,9 +4,9 @@ A study YAML names the corpus, the compute budgets (FLOPs, C = 6ND) and the mode
 `WIDTHxDEPTH`); every (budget, size) pair is one pretraining run whose token count is
 D = C / (6N), rounded to whole optimizer steps. Nothing here imports torch.
 
-    >>> runs = plan_grid(StudyConfig(data=["c.txt"], budgets=[1e11], sizes=["32x2"]), vocab_size=512)
-    >>> runs[0].name, runs[0].n_params, runs[0].steps
-    ('c1e11-32x2', 38048, 214)
+    >>> runs = plan_grid(StudyConfig(data=["c.txt"], budgets=[1e11, 1e12], sizes=["32x2"]), vocab_size=512)
+    >>> [(r.name, r.n_params, r.steps) for r in runs]
+    [('c1e11-32x2', 38048, 214), ('c1e12-32x2', 38048, 2139)]
 """
 
 from __future__ import annotations
@@ -175,6 +175,10 @@ def plan_grid(cfg: StudyConfig, vocab_size: int) -> list[GridRun]:
         raise ConfigError(f"eval_fraction must be between 0 and 1 (got {cfg.eval_fraction:g})")
     per_step = cfg.seq_len * cfg.batch_size
     runs = [plan_run(s, c, vocab_size, per_step) for c in sorted(set(cfg.budgets)) for s in cfg.sizes]
+    if len(runs) < 2:
+        raise ConfigError(
+            "a study needs at least 2 runs (5+ to fit the law, 3+ sizes per budget for IsoFLOP minima)"
+        )
     if len({r.n_params for r in runs}) < len(set(cfg.sizes)):
         raise ConfigError(f"sizes: two of {', '.join(cfg.sizes)} have the same parameter count")
     if cfg.check_budget:

@@ -18,6 +18,11 @@ from chatforge.plan.law import Law, compute_optimal
 BOOT_KEY = "_bootstrap"  # the refits themselves: kept in memory for predictions, not written
 
 
+def budget_key(flops: float) -> str:
+    """How a budget names its prediction in scaling.json: '1e+13'."""
+    return f"{flops:.6g}"
+
+
 def _points(results: list[dict]) -> list[Point]:
     return [Point(r["n_params"], r["tokens"], r["eval_loss"], r["budget"]) for r in results]
 
@@ -69,7 +74,7 @@ def analyse(results: list[dict], predict: list[float], n_boot: int = 100, seed: 
     for c in predict:
         n, d = compute_optimal(law, c)
         bn = [compute_optimal(x, c) for x in laws]
-        out["predictions"][str(c)] = {
+        out["predictions"][budget_key(c)] = {
             "budget": c,
             "n_opt": n,
             "d_opt": d,

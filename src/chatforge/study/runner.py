@@ -182,7 +182,7 @@ def run_study(cfg: StudyConfig, dry_run: bool = False) -> dict:
     analysis = report.analyse(results, predict=predict_budgets(cfg), n_boot=cfg.bootstrap, seed=cfg.seed)
     # step 5: the check run the fit predicts, kept out of the fit
     if cfg.check_budget:
-        n_opt = analysis["predictions"][str(cfg.check_budget)]["n_opt"]
+        n_opt = analysis["predictions"][report.budget_key(cfg.check_budget)]["n_opt"]
         size = nearest_size(cfg.sizes, len(tok), n_opt) if cfg.check_size == "auto" else cfg.check_size
         check = plan_run(size, cfg.check_budget, len(tok), cfg.seq_len * cfg.batch_size, "check")
         report.add_check_prediction(analysis, check.size, check.n_params, check.tokens, check.budget)
