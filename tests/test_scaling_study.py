@@ -46,11 +46,16 @@ def _mtimes(out):
 
 
 def test_tiny_grid_runs_fits_plots_then_skips_finished_runs(study, tmp_path, capsys):
-    cfg = study()
+    from chatforge.cli import main
+
+    cfg = study(check_budget="8e8", check_size="32x1")
     analysis = run_study(cfg)
     out = tmp_path / "study"
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == ["c2e08-32x1", "c2e08-32x2", "c4e08-32x1", "c4e08-32x2"]
+    assert runs == ["c2e08-32x1", "c2e08-32x2", "c4e08-32x1", "c4e08-32x2", "check-c8e08-32x1"]
+    assert len(analysis["runs"]) == 4  # the check run stays out of the fit
+    check = json.loads((out / "scaling.json").read_text())["check"]
+    assert check["size"] == "32x1" and check["predicted_loss"] > 0 and check["measured_loss"] > 0
     for name in runs:
         result = json.loads((out / "runs" / name / "result.json").read_text())
         assert result["eval_loss"] > 0 and result["steps"] >= 1
@@ -71,6 +76,11 @@ def test_tiny_grid_runs_fits_plots_then_skips_finished_runs(study, tmp_path, cap
     assert "training" not in log and "resuming" not in log
     assert _mtimes(out) == before  # no run was touched
     assert json.loads((out / "scaling.json").read_text())["law"] == saved["law"]
+    # refit what is on disk, with another bootstrap size
+    assert main(["scaling", "fit", str(out), "--bootstrap", "2"]) == 0
+    refit = json.loads((out / "scaling.json").read_text())
+    assert refit["n_bootstrap"] == 2 and refit["check"]["measured_loss"] == check["measured_loss"]
+    assert _mtimes(out) == before
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(study, tmp_path, monkeypatch, capsys):

@@ -91,9 +91,15 @@ def compute_optimal(law: Law, flops: float) -> tuple[float, float]:
     """(N, D) with 6ND = `flops` that minimise the law's loss (closed form, see the module docstring)."""
     if flops <= 0:
         raise ValueError(f"flops must be > 0, got {flops}")
+    _check_exponents(law)
     g = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
     c = flops / FLOPS_PER_TRAIN_TOKEN
     return g * c**law.a, c**law.b / g
+
+
+def _check_exponents(law: Law) -> None:
+    if not (law.alpha > 0 and law.beta > 0 and law.A > 0 and law.B > 0):
+        raise ValueError(f"the law {law.formula()} has no optimum: A, B, alpha and beta must be > 0")
 
 
 def tokens_for_loss(law: Law, n: float, target: float) -> float:
@@ -141,6 +147,7 @@ def train_serve_optimal(
     a log-spaced scan, then golden-section search). With serve_tokens = 0 this is the
     Chinchilla-optimal model for that loss.
     """
+    _check_exponents(law)
     if target_loss <= law.E:
         raise ValueError(
             f"target loss {target_loss:g} is not above the law's irreducible loss E = {law.E:.4g}"
