@@ -86,7 +86,10 @@ def test_tiny_grid_runs_fits_plots_then_skips_finished_runs(study, tmp_path, cap
 def test_interrupted_run_resumes_from_its_checkpoint(study, tmp_path, monkeypatch, capsys):
     from chatforge.train.loop import Trainer
 
-    cfg = study(budgets=["2e8"], bootstrap=0, predict=[])
+    import torch
+
+    threads = torch.get_num_threads()
+    cfg = study(budgets=["2e8"], bootstrap=0, predict=[], threads=1)
     real_step = Trainer.train_step
     calls = {"n": 0}
 
@@ -107,6 +110,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(study, tmp_path, monkeypatc
     log = capsys.readouterr().out
     assert "resuming c2e08-32x1" in log and "resumed from step 3" in log
     assert json.loads((run_dir / "result.json").read_text())["eval_loss"] > 0
+    assert torch.get_num_threads() == 1  # `threads: 1` held for the runs
+    torch.set_num_threads(threads)
 
 
 def test_bad_grid_is_one_line_error_before_any_run(study, tmp_path, capsys):

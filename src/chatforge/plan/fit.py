@@ -152,7 +152,10 @@ def _lbfgs(theta0, logn, logd, logl, delta: float) -> tuple[list[float], float]:
             value = float(objective())
     finally:
         torch.set_num_threads(threads)
-    return theta.detach().tolist(), value if math.isfinite(value) else math.inf
+    theta_out = theta.detach().tolist()
+    # a descent that ran off to A, B or E beyond float range has not found a law
+    sane = all(math.isfinite(t) for t in theta_out) and max(theta_out[:3]) < 700
+    return theta_out, value if sane and math.isfinite(value) else math.inf
 
 
 def fit_law(
@@ -239,7 +242,10 @@ def bootstrap(
     out = []
     for _ in range(n_boot):
         sample = [rng.choice(g) for g in groups for _ in g]
-        law = fit_law(sample, top_k=top_k, extra_inits=extra)
+        try:
+            law = fit_law(sample, top_k=top_k, extra_inits=extra)
+        except ValueError:  # every start diverged on this resample: leave it out
+            continue
         try:
             frontier = fit_frontier(isoflop_minima(sample))
         except ValueError:

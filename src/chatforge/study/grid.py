@@ -53,6 +53,9 @@ class StudyConfig:
     check_size: str = field(
         default="auto", metadata={"help": "size of the check run; auto = the grid size nearest N_opt"}
     )
+    threads: int = field(
+        default=0, metadata={"help": "CPU threads per run; 0 = torch's default (1 is faster on a busy CPU)"}
+    )
     bootstrap: int = field(default=100, metadata={"help": "bootstrap refits for the uncertainties"})
     overrides: list[str] = field(
         default_factory=list,

@@ -71,9 +71,15 @@ def analyse(results: list[dict], predict: list[float], n_boot: int = 100, seed: 
         notes.append("some IsoFLOP minima lie outside the sizes run at their budget: extrapolated")
     out["approach2"] = a2
     out["predictions"] = {}
+    try:
+        compute_optimal(law, 1.0)
+    except ValueError as e:  # e.g. alpha < 0: the runs say bigger is worse at every budget
+        notes.append(f"no compute-optimal sizes: {e}")
+        predict = []
     for c in predict:
         n, d = compute_optimal(law, c)
-        bn = [compute_optimal(x, c) for x in laws]
+        bn = [nd for nd in (_optimum(x, c) for x in laws) if nd is not None]
+        with_nd = [(x, nd) for x in laws if (nd := _optimum(x, c)) is not None]
         out["predictions"][budget_key(c)] = {
             "budget": c,
             "n_opt": n,
@@ -82,12 +88,19 @@ def analyse(results: list[dict], predict: list[float], n_boot: int = 100, seed: 
             "loss": law.loss(n, d),
             "n_opt_spread": spread([x[0] for x in bn]),
             "d_opt_spread": spread([x[1] for x in bn]),
-            "loss_spread": spread([x.loss(*nd) for x, nd in zip(laws, bn)]),
+            "loss_spread": spread([x.loss(*nd) for x, nd in with_nd]),
             "approach2_n_opt": front.n_opt(c) if front else None,
         }
     out["notes"] = notes
     out[BOOT_KEY] = laws
     return out
+
+
+def _optimum(law: Law, flops: float) -> tuple[float, float] | None:
+    try:
+        return compute_optimal(law, flops)
+    except ValueError:
+        return None
 
 
 def add_check_prediction(analysis: dict, size: str, n: int, tokens: int, budget: float) -> None:

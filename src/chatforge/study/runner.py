@@ -150,7 +150,7 @@ def run_study(cfg: StudyConfig, dry_run: bool = False) -> dict:
     """Run the study `cfg` (steps in the module docstring); returns the analysis it reported."""
     from chatforge.data.dataset import build_text_examples, load_validated
     from chatforge.data.formats import to_text
-    from chatforge.errors import ConfigError
+    from chatforge.errors import ChatforgeError, ConfigError
     from chatforge.study import report
     from chatforge.train.common import split_eval
 
@@ -165,6 +165,12 @@ def run_study(cfg: StudyConfig, dry_run: bool = False) -> dict:
             print(f"{r.name:24} {r.n_params:>12,} params {r.tokens:>14,} tokens {r.steps:>7} steps")
         print(f"{len(grid)} runs, {sum(r.flops for r in grid):.3g} FLOPs in all")
         return {}
+    if cfg.threads > 0:
+        # tiny models on a shared CPU: a second thread mostly waits for the first (measured 3-6x
+        # slower with 2 threads than 1 when other jobs hold the cores)
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     # step 2: tokenizer and data, tokenised once for every run
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,8 +188,14 @@ def run_study(cfg: StudyConfig, dry_run: bool = False) -> dict:
     analysis = report.analyse(results, predict=predict_budgets(cfg), n_boot=cfg.bootstrap, seed=cfg.seed)
     # step 5: the check run the fit predicts, kept out of the fit
     if cfg.check_budget:
-        n_opt = analysis["predictions"][report.budget_key(cfg.check_budget)]["n_opt"]
-        size = nearest_size(cfg.sizes, len(tok), n_opt) if cfg.check_size == "auto" else cfg.check_size
+        size = cfg.check_size
+        if size == "auto":
+            pred = analysis["predictions"].get(report.budget_key(cfg.check_budget))
+            if pred is None:
+                raise ChatforgeError(
+                    "check_size: auto needs a compute-optimal N, and this fit has none; name a size"
+                )
+            size = nearest_size(cfg.sizes, len(tok), pred["n_opt"])
         check = plan_run(size, cfg.check_budget, len(tok), cfg.seq_len * cfg.batch_size, "check")
         report.add_check_prediction(analysis, check.size, check.n_params, check.tokens, check.budget)
         report.write(out, analysis)  # the prediction is on disk before the check run starts
