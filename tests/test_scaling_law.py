@@ -77,7 +77,7 @@ def test_isoflop_without_a_minimum_and_too_few_budgets():
     pts = [Point(n, 1e9, 3.0 - 0.1 * math.log(n) ** 2 / 100, 1e18) for n in (1e6, 1e7, 1e8)]
     (m,) = isoflop_minima(pts)
     assert math.isnan(m.n_opt) and not m.bracketed
-    with pytest.raises(ValueError, match="2 or more budgets"):
+    with pytest.raises(ValueError, match="bracketed IsoFLOP minima at 2 or more budgets"):
         fit_frontier(isoflop_minima(isoflop_points(law, 0.0)[:9]))
 
 

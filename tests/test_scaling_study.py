@@ -84,9 +84,9 @@ def test_tiny_grid_runs_fits_plots_then_skips_finished_runs(study, tmp_path, cap
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(study, tmp_path, monkeypatch, capsys):
-    from chatforge.train.loop import Trainer
-
     import torch
+
+    from chatforge.train.loop import Trainer
 
     threads = torch.get_num_threads()
     cfg = study(budgets=["2e8"], bootstrap=0, predict=[], threads=1)

@@ -218,12 +218,13 @@ def isoflop_minima(points: Sequence[Point]) -> list[Minimum]:
 
 
 def fit_frontier(minima: Sequence[Minimum]) -> Frontier:
-    """Approach 2, step 2: log N_opt = log k + a log C through the budgets that have a minimum."""
+    """Approach 2, step 2: log N_opt = log k + a log C through the budgets whose minimum lies within
+    the sizes run there (an extrapolated vertex says more about the parabola than about the runs)."""
     import numpy as np
 
-    good = [m for m in minima if math.isfinite(m.n_opt)]
+    good = [m for m in minima if math.isfinite(m.n_opt) and m.bracketed]
     if len(good) < 2:
-        raise ValueError(f"a frontier needs IsoFLOP minima at 2 or more budgets, got {len(good)}")
+        raise ValueError(f"a frontier needs bracketed IsoFLOP minima at 2 or more budgets, got {len(good)}")
     a, log_k = np.polyfit(np.log([m.budget for m in good]), np.log([m.n_opt for m in good]), 1)
     return Frontier(float(a), math.exp(log_k))
 

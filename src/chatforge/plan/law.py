@@ -45,8 +45,11 @@ class Law:
     source: str = ""
 
     def loss(self, n: float, d: float) -> float:
-        """Predicted loss of `n` parameters trained on `d` tokens."""
-        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+        """Predicted loss of `n` parameters trained on `d` tokens (inf where a wild fit overflows)."""
+        try:
+            return self.E + self.A / n**self.alpha + self.B / d**self.beta
+        except (OverflowError, ZeroDivisionError):
+            return math.inf
 
     @property
     def a(self) -> float:

@@ -259,9 +259,10 @@ def plot(path: Path, a: dict) -> None:
     lo = min(budgets) / 3
     hi = max([*budgets, *(p["budget"] for p in a["predictions"].values())]) * 3
     cs = np.geomspace(lo, hi, 50)
-    ax2.plot(
-        cs, [compute_optimal(law, c)[0] for c in cs], "--", color="k", label=f"approach 3 (a={law.a:.2f})"
-    )
+    if _optimum(law, 1.0) is not None:  # a law with alpha or beta <= 0 has no frontier to draw
+        ax2.plot(
+            cs, [compute_optimal(law, c)[0] for c in cs], "--", color="k", label=f"approach 3 (a={law.a:.2f})"
+        )
     good = [m for m in a["approach2"]["minima"] if math.isfinite(m["n_opt"])]
     if good:
         ax2.scatter(
