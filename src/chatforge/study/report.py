@@ -242,7 +242,8 @@ def plot(path: Path, a: dict) -> None:
             c2, c1, c0 = m["coeffs"]
             x = np.log(grid)
             ax1.plot(grid, c2 * x**2 + c1 * x + c0, color=colors[c], lw=1.5)
-            ax1.scatter([m["n_opt"]], [m["loss"]], marker="*", s=160, color=colors[c], edgecolor="k")
+            if m["bracketed"]:  # an extrapolated vertex can sit decades away: not drawn
+                ax1.scatter([m["n_opt"]], [m["loss"]], marker="*", s=160, color=colors[c], edgecolor="k")
     if "check" in a and "measured_loss" in a["check"]:
         ch = a["check"]
         ax1.scatter(
@@ -263,7 +264,7 @@ def plot(path: Path, a: dict) -> None:
         ax2.plot(
             cs, [compute_optimal(law, c)[0] for c in cs], "--", color="k", label=f"approach 3 (a={law.a:.2f})"
         )
-    good = [m for m in a["approach2"]["minima"] if math.isfinite(m["n_opt"])]
+    good = [m for m in a["approach2"]["minima"] if math.isfinite(m["n_opt"]) and m["bracketed"]]
     if good:
         ax2.scatter(
             [m["budget"] for m in good], [m["n_opt"] for m in good], color="C1", label="IsoFLOP minima"
