@@ -69,7 +69,14 @@ TOOLS = {
         "built-in task data: data make TASK OUT_DIR [--seed N] [--sizes sft=2000,eval=200]",
         "chatforge.tools:data_main",
     ),
-    "plan": ("memory and compute planning: what fits, how many tokens", "chatforge.tools:plan_main"),
+    "plan": (
+        "memory and compute planning: what fits, how many tokens, train+serve optimal size",
+        "chatforge.tools:plan_main",
+    ),
+    "scaling": (
+        "scaling-law study on your text: scaling study CONFIG | scaling fit DIR",
+        "chatforge.study.runner:main",
+    ),
 }
 
 

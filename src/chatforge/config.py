@@ -126,7 +126,9 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    preset: str = opt("", "model size preset when training from scratch (see chatforge.plan.scaling.PRESETS)")
+    preset: str = opt(
+        "", "model size when training from scratch: a preset (chatforge.plan.scaling.PRESETS) or WIDTHxDEPTH"
+    )
     tokenizer: str = opt("default", "tokenizer source: a model dir, .gguf file, or 'default'")
     tokens_per_param: float = opt(20.0, "token budget per parameter when train.max_steps is 0 (Chinchilla)")
 

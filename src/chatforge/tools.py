@@ -75,8 +75,12 @@ def data_main(argv: list[str]) -> int:
 
 
 def plan_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="chatforge plan", description="Estimate memory for training a model.")
-    p.add_argument("model", help="a model dir, 'default', or a pretraining preset name")
+    p = argparse.ArgumentParser(
+        prog="chatforge plan",
+        description="Estimate memory for training a model (MODEL), and/or the model size and tokens that "
+        "minimise training + serving compute for a budget or a target loss (--budget / --target-loss).",
+    )
+    p.add_argument("model", nargs="?", help="a model dir, 'default', or a pretraining preset name")
     p.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
     p.add_argument(
         "--dtype",
@@ -90,7 +94,32 @@ def plan_main(argv: list[str]) -> int:
     p.add_argument("--stage", default="sft", choices=["sft", "reward", "dpo", "ppo", "grpo", "inference"])
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--device-gib", type=float, default=0.0, help="say whether it fits in this much memory")
+    size = p.add_argument_group("model size (Chinchilla law; training 6ND, serving 2N per token)")
+    goal = size.add_mutually_exclusive_group()
+    goal.add_argument(
+        "--budget", type=float, help="training FLOPs: aim for the loss its compute-optimal model reaches"
+    )
+    goal.add_argument("--target-loss", type=float, help="the loss to reach")
+    size.add_argument(
+        "--serve-tokens", type=float, default=0.0, help="tokens the model will generate or read"
+    )
+    size.add_argument(
+        "--law", help="a study's scaling.json (or its dir); default: the published Chinchilla fit"
+    )
+    size.add_argument("--train-cost", type=float, default=1.0, help="cost per training FLOP (any unit)")
+    size.add_argument("--serve-cost", type=float, default=1.0, help="cost per serving FLOP (same unit)")
     args = p.parse_args(argv)
+    sizing = args.budget is not None or args.target_loss is not None
+    if args.model is None and not sizing:
+        p.error("give MODEL for a memory estimate, or --budget / --target-loss for a model size")
+    if args.model is not None:
+        _plan_memory(args)
+    if sizing:
+        _plan_size(args)
+    return 0
+
+
+def _plan_memory(args) -> None:
     from chatforge.plan import memory, scaling
 
     shape = memory.load_shape(args.model)
@@ -110,7 +139,22 @@ def plan_main(argv: list[str]) -> int:
     tokens = scaling.chinchilla_tokens(shape.n_params)
     flops = scaling.training_flops(shape.n_params, tokens)
     print(f"compute-optimal pretraining budget: {tokens:,} tokens, {flops:.3g} FLOPs")
-    return 0
+
+
+def _plan_size(args) -> None:
+    from chatforge.errors import ConfigError
+    from chatforge.plan import law as laws
+
+    law = laws.load_law(args.law) if args.law else laws.CHINCHILLA
+    try:
+        target, chin, best = laws.compare(
+            law, args.budget, args.target_loss, args.serve_tokens, args.train_cost, args.serve_cost
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"law: {law.formula()} ({law.source}); N_opt ~ C^{law.a:.3f}, D_opt ~ C^{law.b:.3f}")
+    priced = args.train_cost != 1.0 or args.serve_cost != 1.0
+    print(laws.format_comparison(target, chin, best, args.serve_tokens, priced))
 
 
 def _score_record(record, where: str):

@@ -30,8 +30,7 @@ The capital of France is Paris. Write a haiku about the sea. UPPER CASE lower ca
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int) -> str:
+def _bpe_json(lines, vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -43,17 +42,21 @@ def _tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
     return tok.to_str()
 
 
-def tiny_tokenizer(vocab_size: int = 512):
-    """A fast ChatML tokenizer (eos `<|im_end|>`, pad `<|pad|>`) trained offline on a tiny corpus."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json(vocab_size: int) -> str:
+    return _bpe_json(_CORPUS.splitlines() * 4, vocab_size)
+
+
+def _wrap(tokenizer_json: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
@@ -61,6 +64,20 @@ def tiny_tokenizer(vocab_size: int = 512):
     )
     tok.chat_template = CHATML_TEMPLATE
     return tok
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A fast ChatML tokenizer (eos `<|im_end|>`, pad `<|pad|>`) trained offline on a tiny corpus."""
+    return _wrap(_tokenizer_json(vocab_size))
+
+
+def corpus_tokenizer(texts, vocab_size: int):
+    """The same kind of tokenizer (byte-level BPE, ChatML specials) trained on `texts` (strings).
+
+    Byte-level: any text encodes, however little of it the tokenizer saw. Pretraining from scratch
+    on one's own corpus (`chatforge scaling study`) uses it to keep small models' embeddings small.
+    """
+    return _wrap(_bpe_json(texts, vocab_size))
 
 
 # Small shapes per architecture; the keys are transformers model_type names.

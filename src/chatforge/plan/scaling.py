@@ -25,11 +25,20 @@ vocabulary the totals differ slightly from Cerebras' GPT-2-style ones. Parameter
     111m        10     768    12(12)         2048    71,188,224    108,543,744   (Cerebras 111M)
     256m        14    1088    17(17)         2880   198,482,752    251,403,072   (Cerebras 256M)
     590m        18    1536    12(12)         4096   510,451,200    585,162,240   (Cerebras 590M)
+
+Between and below the presets, a width/depth dial names a shape as `WIDTHxDEPTH` (`96x3`: hidden size
+96, 3 layers): heads of 16 dimensions below width 64 and 32 from there, half as many KV heads, and
+a SwiGLU width of 8/3 * hidden rounded to a multiple of 16 (LLaMA's ratio). Scaling-law studies use
+it to space sizes evenly (`chatforge scaling study`, chatforge.plan.law for the fit).
+
+    >>> model_shape("96x3")["intermediate_size"], model_shape("96x3")["num_attention_heads"]
+    (256, 3)
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 TOKENS_PER_PARAM = 20
 
@@ -86,14 +95,44 @@ CEREBRAS_GPT = {
 }
 
 
+def dial_shape(width: int, depth: int) -> dict[str, int]:
+    """LLaMA config kwargs of a model `width` wide and `depth` layers deep (see the module docstring)."""
+    head_dim = 16 if width < 64 else 32
+    if width < 16 or width % head_dim or depth < 1:
+        raise ValueError(
+            f"size {width}x{depth}: the width must be a multiple of {head_dim} (16 below 64, 32 from 64) "
+            "and the depth at least 1"
+        )
+    heads = width // head_dim
+    return dict(
+        hidden_size=width,
+        intermediate_size=max(16, round(8 * width / 3 / 16) * 16),
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2 if heads % 2 == 0 else heads,
+    )
+
+
+def model_shape(size: str) -> dict[str, int]:
+    """LLaMA config kwargs for a size: a preset name (`tiny`, `111m`, ...) or `WIDTHxDEPTH` (`96x3`)."""
+    if size in PRESETS:
+        return dict(PRESETS[size])
+    m = re.fullmatch(r"(\d+)x(\d+)", size.strip())
+    if m is None:
+        raise ValueError(
+            f"unknown size {size!r}: name a preset ({', '.join(PRESETS)}) or WIDTHxDEPTH like 96x3"
+        )
+    return dial_shape(int(m[1]), int(m[2]))
+
+
 def preset_config(name: str, vocab_size: int = 49152, **overrides) -> dict:
-    """A full LLaMA config dict for preset `name` (pass it to `transformers.LlamaConfig(**d)`).
+    """A full LLaMA config dict for preset or `WIDTHxDEPTH` size `name` (for `transformers.LlamaConfig(**d)`).
 
     >>> preset_config("tiny", vocab_size=512)["hidden_size"]
     64
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    if name not in PRESETS and "x" not in name:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)} (or WIDTHxDEPTH like 96x3)")
     base = dict(
         model_type="llama",
         vocab_size=vocab_size,
@@ -102,7 +141,7 @@ def preset_config(name: str, vocab_size: int = 49152, **overrides) -> dict:
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
     )
-    return {**base, **PRESETS[name], **overrides}
+    return {**base, **model_shape(name), **overrides}
 
 
 def chinchilla_tokens(n_params: float, tokens_per_param: float = TOKENS_PER_PARAM) -> int:

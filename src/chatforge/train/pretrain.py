@@ -3,7 +3,8 @@
 Builds a LLaMA-style model from a size preset (`pretrain.preset`, see chatforge.plan.scaling),
 borrows a tokenizer from an existing model, and trains on raw text cut into `data.max_length`
 blocks. With `train.max_steps=0` the token budget is the compute-optimal 20 tokens per parameter
-(Hoffmann et al., 2022, "Chinchilla"); the run prints the budget it picked.
+(Hoffmann et al., 2022, "Chinchilla"); the run prints the budget it picked. `data.eval` files or a
+`data.eval_fraction` of the blocks give a held-out loss (`eval/loss` in metrics.jsonl) at the end.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ def build_model(preset: str, tokenizer, max_length: int):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from chatforge.errors import ConfigError
-    from chatforge.plan.scaling import PRESETS
+    from chatforge.plan.scaling import PRESETS, model_shape
 
-    if preset not in PRESETS:
-        raise ConfigError(f"pretrain.preset must be one of {', '.join(PRESETS)} (got {preset!r})")
+    try:
+        shape = model_shape(preset)
+    except ValueError as e:
+        raise ConfigError(
+            f"pretrain.preset must be one of {', '.join(PRESETS)} or WIDTHxDEPTH like 96x3 (got {preset!r}): {e}"
+        ) from None
     config = LlamaConfig(
-        **PRESETS[preset],
+        **shape,
         vocab_size=len(tokenizer),
         max_position_embeddings=max(max_length, 128),
         pad_token_id=tokenizer.pad_token_id,
@@ -47,15 +52,10 @@ def chinchilla_steps(n_params: int, tokens_per_param: float, tokens_per_step: in
 
 
 def run(cfg: Config) -> str:
-    from chatforge.data.collate import pad_batch
     from chatforge.data.dataset import build_text_examples
     from chatforge.errors import ConfigError
-    from chatforge.models.adapters import save_final
-    from chatforge.models.load import load_tokenizer, pick_device
-    from chatforge.models.logprobs import LogprobModel
-    from chatforge.train.common import log, start_run
-    from chatforge.train.loop import Trainer, steps_for
-    from chatforge.train.sft import sft_loss, sft_units
+    from chatforge.models.load import load_tokenizer
+    from chatforge.train.common import log, split_eval, start_run
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one text file")
@@ -63,13 +63,37 @@ def run(cfg: Config) -> str:
         raise ConfigError("pretrain.preset is empty: name a size preset (see chatforge plan --presets)")
     start_run(cfg, "pretrain")
     tok = load_tokenizer(cfg.pretrain.tokenizer)
+    blocks, report = build_text_examples(cfg.data.train, tok, cfg.data.max_length)
+    log(f"data: {report.summary()}")
+    if cfg.data.eval:
+        held, _ = build_text_examples(cfg.data.eval, tok, cfg.data.max_length)
+    else:
+        blocks, held = split_eval(blocks, cfg.data.eval_fraction, cfg.train.seed)
+    final, _ = train_on_blocks(cfg, tok, blocks, held)
+    return final
+
+
+def train_on_blocks(cfg: Config, tok, blocks: list[dict], eval_blocks: list[dict]) -> tuple[str, dict]:
+    """Build `pretrain.preset` and train it on tokenised `blocks`; returns (final dir, last metrics).
+
+    The held-out loss on `eval_blocks` (if any) is logged as `eval/loss` at the last step. Callers
+    that train many models on one corpus (the scaling study) tokenise once and call this per model.
+    """
     import torch
+
+    from chatforge.data.collate import pad_batch
+    from chatforge.models.adapters import save_final
+    from chatforge.models.load import pick_device
+    from chatforge.models.logprobs import LogprobModel
+    from chatforge.train.common import log
+    from chatforge.train.loop import Trainer, steps_for
+    from chatforge.train.sft import sft_loss, sft_units
 
     torch.manual_seed(cfg.train.seed)
     lm = build_model(cfg.pretrain.preset, tok, cfg.data.max_length).to(pick_device(cfg.train.device))
     n_params = sum(p.numel() for p in lm.parameters())
-    blocks, report = build_text_examples(cfg.data.train, tok, cfg.data.max_length)
-    log(f"model preset {cfg.pretrain.preset}: {n_params:,} parameters; data: {report.summary()}")
+    tokens = sum(len(b["input_ids"]) for b in blocks)
+    log(f"model preset {cfg.pretrain.preset}: {n_params:,} parameters; {len(blocks)} training blocks")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tcfg = cfg.train
     if not tcfg.max_steps:
@@ -78,11 +102,12 @@ def run(cfg: Config) -> str:
         log(
             f"train.max_steps=0: compute-optimal budget of {cfg.pretrain.tokens_per_param:g} tokens/parameter "
             f"= {n_params * cfg.pretrain.tokens_per_param:,.0f} tokens = {steps} steps "
-            f"({steps * per_step / max(report.tokens, 1):.1f} passes over the data)"
+            f"({steps * per_step / max(tokens, 1):.1f} passes over the data)"
         )
         tcfg = dataclasses.replace(tcfg, max_steps=steps)
     trainer = Trainer(LogprobModel(lm), tcfg, steps_for(len(blocks), tcfg, world))
-    trainer.fit(blocks, partial(pad_batch, pad_id=tok.pad_token_id), sft_loss, sft_units)
+    collate = partial(pad_batch, pad_id=tok.pad_token_id)
+    last = trainer.fit(blocks, collate, sft_loss, sft_units, eval_items=eval_blocks or None)
     final = trainer.save_final(lambda tmp: save_final(trainer.acc.unwrap_model(trainer.model).lm, tok, tmp))
     log(f"done: {final}")
-    return str(final)
+    return str(final), last
