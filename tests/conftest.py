@@ -79,6 +79,24 @@ def one_and_two_processes(stage: str, args, tmp_path) -> tuple[list[dict], list[
     return metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
 
 
+def reward_that_raises(folder, error: str = "RuntimeError('disk full')") -> str:
+    """A `file.py:has_seven` reward spec whose third call raises `error` (a crash mid-run)."""
+    from pathlib import Path
+
+    path = Path(folder) / "crash" / "rewards.py"
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        "calls = 0\n"
+        "def has_seven(prompts, responses, answers):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if calls == 3:\n"
+        f"        raise {error}\n"
+        "    return [float('7' in r) for r in responses]\n"
+    )
+    return f"{path}:has_seven"
+
+
 def tiny_run_args(model_dir, data, out, *extra) -> list[str]:
     """Config overrides every quick CPU training run in the tests shares (fp32, no progress bars)."""
     return [

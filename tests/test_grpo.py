@@ -8,7 +8,7 @@ import torch
 from chatforge.config import load_config
 from chatforge.errors import ChatforgeError, DataError
 from chatforge.train import grpo
-from conftest import tiny_run_args
+from conftest import reward_that_raises, tiny_run_args
 
 PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
 # reward: the response contains the character "7" (a few byte-level tokens of the tiny vocabulary)
@@ -156,23 +156,13 @@ def test_resume_after_a_crash_is_exact(
     )
     grpo.run(config(tiny_model_dir, data, tmp_path / "a", reward_file, *common))
 
-    crash = tmp_path / "crash" / "rewards.py"
-    crash.parent.mkdir()
-    crash.write_text(
-        "calls = 0\n"
-        "def has_seven(prompts, responses, answers):\n"
-        "    global calls\n"
-        "    calls += 1\n"
-        "    if calls == 3:\n"
-        f"        raise {error}\n"
-        "    return [float('7' in r) for r in responses]\n"
-    )
+    crash = reward_that_raises(tmp_path, error)
     b = tmp_path / "b"
     with pytest.raises(raised):
-        grpo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common))
+        grpo.run(config(tiny_model_dir, data, b, crash, *common))
     assert [r["grpo_step"] for r in metrics(b)] == [1, 2]
     assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-4"]
-    grpo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common, "train.resume=true"))
+    grpo.run(config(tiny_model_dir, data, b, crash, *common, "train.resume=true"))
 
     def strip(rows):
         return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]

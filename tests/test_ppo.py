@@ -9,7 +9,7 @@ import torch
 from chatforge.config import GenerateConfig, load_config
 from chatforge.errors import ChatforgeError, ConfigError, DataError
 from chatforge.train import loop, ppo
-from conftest import one_and_two_processes
+from conftest import one_and_two_processes, reward_that_raises
 from test_roles import CPU, make_adapter, roles_config  # tests/ is on sys.path (rootdir conftest)
 
 PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
@@ -310,24 +310,14 @@ def test_resume_after_a_crash_is_exact(tiny_model_dir, jsonl, reward_file, tmp_p
     )
     ppo.run(config(tiny_model_dir, data, tmp_path / "a", reward_file, *common))
 
-    crash = tmp_path / "crash" / "rewards.py"
-    crash.parent.mkdir()
-    crash.write_text(
-        "calls = 0\n"
-        "def has_seven(prompts, responses, answers):\n"
-        "    global calls\n"
-        "    calls += 1\n"
-        "    if calls == 3:\n"
-        "        raise RuntimeError('disk full')\n"
-        "    return [float('7' in r) for r in responses]\n"
-    )
+    crash = reward_that_raises(tmp_path)
     b = tmp_path / "b"
     with pytest.raises(ChatforgeError, match="reward function .*has_seven' raised RuntimeError: disk full"):
-        ppo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common))
+        ppo.run(config(tiny_model_dir, data, b, crash, *common))
     assert [r["ppo_step"] for r in metrics(b)] == [1, 2]
     # save_every=3, but the two finished steps were checkpointed when the reward function raised
     assert json.loads((b / "checkpoints" / "step-4" / "state.json").read_text())["ppo_step"] == 2
-    ppo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common, "train.resume=true"))
+    ppo.run(config(tiny_model_dir, data, b, crash, *common, "train.resume=true"))
 
     def strip(rows):
         return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
@@ -578,21 +568,11 @@ def test_resume_after_a_crash_is_exact_without_a_critic(
         "ppo.samples_every=1",
     )
     ppo.run(config(tiny_model_dir, data, tmp_path / "a", reward_file, *common))
-    crash = tmp_path / "crash" / "rewards.py"
-    crash.parent.mkdir()
-    crash.write_text(
-        "calls = 0\n"
-        "def has_seven(prompts, responses, answers):\n"
-        "    global calls\n"
-        "    calls += 1\n"
-        "    if calls == 3:\n"
-        "        raise RuntimeError('disk full')\n"
-        "    return [float('7' in r) for r in responses]\n"
-    )
+    crash = reward_that_raises(tmp_path)
     b = tmp_path / "b"
     with pytest.raises(ChatforgeError, match="disk full"):
-        ppo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common))
-    ppo.run(config(tiny_model_dir, data, b, f"{crash}:has_seven", *common, "train.resume=true"))
+        ppo.run(config(tiny_model_dir, data, b, crash, *common))
+    ppo.run(config(tiny_model_dir, data, b, crash, *common, "train.resume=true"))
 
     def strip(rows):
         return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
+import random
 import re
 import shutil
 from collections.abc import Iterator
@@ -209,3 +211,43 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
         else:
             dropped += 1
     return records, dropped
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states, as tensors and plain values (`save_plain`)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    # tensors and plain values only, so that a resume can load it with weights_only=True
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop records logged after `step` by a run that died before its next checkpoint, and any torn
+    line a kill left (reported)."""
+    if not path.is_file():
+        return
+    records, dropped = read_jsonl(path)
+    if dropped and int(os.environ.get("RANK", "0")) == 0:
+        print(f"chatforge: {path}: dropped {dropped} unreadable line(s) (a run killed mid-write)", flush=True)
+    keep = [r for r in records if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))

@@ -244,8 +244,9 @@ def run(cfg: Config) -> str:
     from chatforge.errors import ConfigError
     from chatforge.models.heads import disable_dropout
     from chatforge.models.load import load_tokenizer, pick_device
+    from chatforge.train.checkpoint import rng_state, set_rng_state, truncate_log
     from chatforge.train.common import build_policy, log, save_lm, share_prompt, start_run
-    from chatforge.train.loop import Trainer, _rng_state, _set_rng_state, _truncate_metrics
+    from chatforge.train.loop import Trainer
 
     g, gen_cfg = cfg.grpo, cfg.generate
     if not cfg.data.train:
@@ -279,11 +280,11 @@ def run(cfg: Config) -> str:
     start = 0
     if cfg.train.resume and (state := trainer.resume()) is not None:
         start = state["grpo_step"]
-        _truncate_metrics(out / "samples.jsonl", trainer.step)
+        truncate_log(out / "samples.jsonl", trainer.step)
         log(f"resumed from GRPO step {start}")
     model = trainer.acc.unwrap_model(trainer.model)
     bar = trainer.progress(initial=start * g.epochs_per_step, desc="grpo")
-    done, rng = start, _rng_state()
+    done, rng = start, rng_state()
     try:
         for step in range(start, steps):
             # under DDP each process takes its own prompts_per_step prompts of the step's global batch
@@ -327,13 +328,13 @@ def run(cfg: Config) -> str:
                 )
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == steps:
                 trainer.save_checkpoint({"grpo_step": step + 1})
-            rng = _rng_state()  # the state a checkpoint of this step would hold
+            rng = rng_state()  # the state a checkpoint of this step would hold
             done = step + 1
     except BaseException:
         # Ctrl-C or an error (a reward function that raises) between steps: keep the finished steps,
         # unless the next one had already started learning (then resume from the last checkpoint)
         if done > start and trainer.step == done * g.epochs_per_step and not _saved(trainer):
-            _set_rng_state(rng)
+            set_rng_state(rng)
             trainer.save_checkpoint({"grpo_step": done, "interrupted": True})
             log(f"stopped; saved a checkpoint at GRPO step {done} (train.resume=true continues)")
         raise

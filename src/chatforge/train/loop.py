@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -282,7 +281,7 @@ class Trainer:
             return
         if not self._metrics_open:
             # a fresh run in a used dir replaces the old curve instead of appending to it
-            _truncate_metrics(self.out / "metrics.jsonl", self._start_step)
+            ck.truncate_log(self.out / "metrics.jsonl", self._start_step)
             self._metrics_open = True
         path = self.out / "metrics.jsonl"
         with ck.writing(path, "the metrics", temporary=False), open(path, "a") as f:
@@ -345,7 +344,7 @@ class Trainer:
                 (tmp / "state.json").write_text(json.dumps(state, indent=1))
         self.acc.wait_for_everyone()
         with ck.writing(tmp, "the checkpoint"):
-            ck.save_plain(_rng_state(), tmp / f"rng-{self.acc.process_index}.pt")
+            ck.save_plain(ck.rng_state(), tmp / f"rng-{self.acc.process_index}.pt")
         self.acc.wait_for_everyone()
         if self.is_main:
             shutil.rmtree(final, ignore_errors=True)
@@ -384,10 +383,10 @@ class Trainer:
         self.scheduler.load_state_dict(ck.load_plain(path / "scheduler.pt"))
         rng = path / f"rng-{self.acc.process_index}.pt"
         if rng.is_file():
-            _set_rng_state(ck.load_plain(rng))
+            ck.set_rng_state(ck.load_plain(rng))
         self.step = self._start_step = state["step"]
         if self.is_main:
-            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+            ck.truncate_log(self.out / "metrics.jsonl", self.step)
         return state
 
     def save_final(self, save_fn: Callable[[Path], None]) -> Path:
@@ -487,39 +486,3 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of an epoch; the same on every rank and after a resume."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     return torch.randperm(n, generator=g).tolist()
-
-
-def _rng_state() -> dict:
-    import numpy as np
-
-    # tensors and plain values only, so that a resume can load it with weights_only=True
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    keys = keys.numpy() if torch.is_tensor(keys) else keys
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after `step` by a run that died before its next checkpoint, and any torn
-    line a kill left (reported)."""
-    if not path.is_file():
-        return
-    records, dropped = ck.read_jsonl(path)
-    if dropped and int(os.environ.get("RANK", "0")) == 0:
-        print(f"chatforge: {path}: dropped {dropped} unreadable line(s) (a run killed mid-write)", flush=True)
-    keep = [r for r in records if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))

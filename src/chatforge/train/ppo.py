@@ -209,9 +209,10 @@ def run(cfg: Config) -> str:
     from chatforge.rl.kl_control import kl_controller
     from chatforge.rl.rewards import RuleRewards
     from chatforge.rl.roles import build_roles
+    from chatforge.train.checkpoint import rng_state, set_rng_state, truncate_log
     from chatforge.train.common import log, start_run
     from chatforge.train.grpo import Scorer
-    from chatforge.train.loop import Trainer, _rng_state, _set_rng_state, _truncate_metrics
+    from chatforge.train.loop import Trainer
 
     check(cfg)
     p, gen_cfg = cfg.ppo, cfg.generate
@@ -258,7 +259,7 @@ def run(cfg: Config) -> str:
     if cfg.train.resume and (state := trainer.resume()) is not None:
         start = state["ppo_step"]
         kl_ctl.load_state_dict(state["kl_ctl"])
-        _truncate_metrics(out / "samples.jsonl", trainer.step)
+        truncate_log(out / "samples.jsonl", trainer.step)
         log(f"resumed from PPO step {start}")
     reduction = cfg.train.loss_reduction
     # a critic of its own (adapter or model) learns in a backward pass after the actor's; DDP
@@ -281,7 +282,7 @@ def run(cfg: Config) -> str:
 
     bs = cfg.train.batch_size
     bar = trainer.progress(initial=start * per_rollout, desc="ppo")
-    done, rng, kl_state = start, _rng_state(), kl_ctl.state_dict()
+    done, rng, kl_state = start, rng_state(), kl_ctl.state_dict()
     try:
         for step in range(start, steps):
             # under DDP each process takes its own slice of the step's global batch of prompts
@@ -361,14 +362,14 @@ def run(cfg: Config) -> str:
                 write_samples(out / "samples.jsonl", trainer.step, prompts, rollout)
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == steps:
                 trainer.save_checkpoint({"ppo_step": step + 1, "kl_ctl": kl_ctl.state_dict()})
-            done, rng, kl_state = step + 1, _rng_state(), kl_ctl.state_dict()
+            done, rng, kl_state = step + 1, rng_state(), kl_ctl.state_dict()
     except BaseException:
         # Ctrl-C or an error (a reward function that raises) between steps: keep the finished steps,
         # unless the next one had already started learning (then resume from the last checkpoint)
         ckpts = trainer.checkpoints()
         saved = bool(ckpts) and ckpts[-1].name == f"step-{trainer.step}"
         if done > start and trainer.step == done * per_rollout and not saved:
-            _set_rng_state(rng)
+            set_rng_state(rng)
             trainer.save_checkpoint({"ppo_step": done, "kl_ctl": kl_state, "interrupted": True})
             log(f"stopped; saved a checkpoint at PPO step {done} (train.resume=true continues)")
         raise
