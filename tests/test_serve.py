@@ -1,14 +1,13 @@
-"""Terminal chat and the OpenAI-compatible server on a tiny random model."""
+"""Terminal chat and the sampling engine behind chat and serve, on a tiny random model (the HTTP
+server: tests/test_serve_api.py)."""
 
 import io
-import json
-import threading
-import urllib.request
 
 import pytest
 
 from chatforge.evaluate import load_inference_model
-from chatforge.serve import chat, server
+from chatforge.serve import chat
+from chatforge.serve.engine import Engine, Sampling
 
 
 @pytest.fixture(scope="module")
@@ -57,51 +56,44 @@ def test_history_is_trimmed_to_the_context_window(tiny_lm):
     assert text.count("system") == 1 and "last" in text and "question 0 " not in text
 
 
-def _serve(lm, tok):
-    engine = server.Engine(lm, tok, "tiny", default_max_tokens=5)
-    srv = server.make_server(engine, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
-
-
-def _post(url, body):
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    return urllib.request.urlopen(req, timeout=60)
-
-
-def test_server_answers_in_the_openai_shapes(tiny_lm):
+def test_ctrl_c_mid_reply_stops_it_and_the_chat_goes_on(tiny_lm, monkeypatch):
     lm, tok = tiny_lm
-    srv, base = _serve(lm, tok)
-    try:
-        models = json.load(urllib.request.urlopen(f"{base}/v1/models", timeout=30))
-        assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    session = chat.Session(lm, tok, max_new_tokens=50, temperature=1.0)
+    lines = iter(["first", "second", "/exit"])
+    written = []
 
-        msgs = [{"role": "user", "content": "hi"}]
-        body = {"model": "tiny", "messages": msgs, "temperature": 0, "max_tokens": 5}
-        r = json.load(_post(f"{base}/v1/chat/completions", body))
-        assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
-        choice = r["choices"][0]
-        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
-        assert choice["finish_reason"] in ("stop", "length")
-        usage = r["usage"]
-        assert 0 < usage["completion_tokens"] <= 5
-        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    def write(text):
+        written.append(text)
+        if len(written) == 4:  # "assistant> " and two pieces of the first reply: the user presses Ctrl-C
+            raise KeyboardInterrupt
 
-        # Streaming: role chunk, content chunks, a finish chunk, [DONE]; the same greedy text.
-        raw = _post(f"{base}/v1/chat/completions", {**body, "stream": True}).read().decode()
-        events = [e[len("data: ") :] for e in raw.split("\n\n") if e.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
-        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-        assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
-        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-        assert streamed.strip() == choice["message"]["content"]
+    assert chat.repl(session, read=lambda _prompt: next(lines), write=write) == 0
+    assert " [stopped]" in written
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["second"]
 
-        with pytest.raises(urllib.error.HTTPError) as err:
-            _post(f"{base}/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]})
-        assert err.value.code == 400
-        assert "messages[0].role" in json.load(err.value)["error"]["message"]
-    finally:
-        srv.shutdown()
-        srv.server_close()
+
+def test_engine_stops_on_a_stop_string_and_never_streams_it(tiny_lm):
+    lm, tok = tiny_lm
+    engine = Engine(lm, tok)
+    prompt = tok("hello")["input_ids"]
+    free = "".join(s.text for s in engine.sample(prompt, Sampling(max_tokens=12, temperature=0)))
+    assert len(free) > 4
+    stop = free[3:5]  # a stop string that greedy decoding produces mid-reply
+    steps = list(engine.sample(prompt, Sampling(max_tokens=12, temperature=0, stop=[stop])))
+    text = "".join(s.text for s in steps)
+    assert text == free[: free.find(stop)] and steps[-1].finish == "stop"
+
+
+def test_engine_seed_and_should_stop(tiny_lm):
+    lm, tok = tiny_lm
+    engine = Engine(lm, tok)
+    prompt = tok("hello")["input_ids"]
+
+    def ids(**kw):
+        return [s.token_id for s in engine.sample(prompt, Sampling(max_tokens=10, temperature=1.0, **kw))]
+
+    assert ids(seed=1) == ids(seed=1)
+    assert len({tuple(ids(seed=s)) for s in range(4)}) > 1
+    calls = []
+    steps = list(engine.sample(prompt, Sampling(max_tokens=10), lambda: calls.append(1) or len(calls) > 3))
+    assert len(steps) == 3 and steps[-1].finish is None  # stopped from outside, not by the model

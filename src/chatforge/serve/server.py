@@ -1,244 +1,445 @@
-"""OpenAI-compatible HTTP server: `chatforge serve MODEL_DIR [--host 127.0.0.1] [--port 8000]`.
+"""OpenAI-compatible HTTP server and web chat page: `chatforge serve MODEL [--host H] [--port P]`.
 
-    POST /v1/chat/completions   {"messages": [...], "max_tokens", "temperature", "top_p", "stream"}
-    GET  /v1/models             the one model served
-
-Responses have the OpenAI shapes (`chat.completion`, and `chat.completion.chunk` server-sent events
-ending with `data: [DONE]` when `stream` is true), so the `openai` client and tools built on it work:
+    GET  /                          a chat page (streaming, multi-turn, system prompt, temperature, stop)
+    POST /v1/chat/completions       chat; `stream`, `n`, `seed`, `stop`, `logprobs`, `top_logprobs`
+    POST /v1/completions            raw text; `echo` + `logprobs` score a prompt (lm-evaluation-harness)
+    GET  /v1/models, /v1/models/ID  the one model served
 
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
-    client.chat.completions.create(model="chatforge", messages=[{"role": "user", "content": "hi"}])
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}])
 
-Standard library `http.server`, one request generates at a time (a lock around the model); long
-conversations are trimmed to the context window like `chatforge chat`. No authentication: bind to
-localhost or put it behind a proxy.
+FastAPI on uvicorn does the HTTP (keep-alive, chunked bodies, bad framing). This module adds what a
+local model server needs on top: requests are validated field by field (`chatforge.serve.protocol`:
+honoured or refused with a 400, never ignored); a prompt that does not fit the context window with
+its `max_tokens` is refused, never cut; bodies over `--max-body` get 413 and bodies that trickle in
+slower than `--timeout` get 408; Host and Origin must be loopback, the server's own or listed
+(`--allow-origin`, `--allow-host`), so a web page elsewhere cannot drive it; `--api-key` (required
+off loopback) is checked as a bearer token; every error is OpenAI's JSON error shape. Generation runs
+on one worker thread (`engine.OneAtATime`), one token at a time, and stops when its client leaves.
+See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import threading
+import asyncio
+import hmac
+import ipaddress
+import sys
 import time
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
+from pathlib import Path
 
-ROLES = ("system", "user", "assistant")
+from chatforge.serve.engine import Engine, Job, OneAtATime, Sampling
+from chatforge.serve.protocol import ApiError, ChatRequest, CompletionRequest
+
+PAGE = Path(__file__).with_name("chat.html")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 
-class RequestError(ValueError):
-    """A bad request: answered with HTTP 400 and an OpenAI-style error body."""
+@dataclass
+class Guard:
+    """Who may talk to the server: Host names, browser Origins and the API key."""
+
+    hosts: set[str] = field(default_factory=set)  # extra Host names (no port); "*" = any
+    origins: set[str] = field(default_factory=set)  # extra origins, "scheme://host[:port]"
+    api_key: str = ""
+    max_body: int = 1 << 20
+    timeout: float = 30.0
+
+    def host_ok(self, host: str) -> bool:
+        """`host` is a Host header: loopback, listed, or anything under "*".
+
+        >>> g = Guard()
+        >>> g.host_ok("localhost:8000"), g.host_ok("127.0.0.1"), g.host_ok("evil.example:8000")
+        (True, True, False)
+        """
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return "*" in self.hosts or name.lower() in (*LOOPBACK_NAMES, *self.hosts)
+
+    def origin_ok(self, origin: str, host: str) -> bool:
+        """A browser Origin is allowed when it is loopback, this server itself, or listed.
+
+        >>> g = Guard(origins={"https://app.example"})
+        >>> [g.origin_ok(o, "10.0.0.2:8000") for o in
+        ...  ("http://localhost:3000", "http://10.0.0.2:8000", "https://app.example", "null", "http://evil")]
+        [True, True, True, False, False]
+        """
+        if origin in self.origins or origin == f"http://{host}" or origin == f"https://{host}":
+            return True
+        scheme, _, rest = origin.partition("://")
+        name = rest.rsplit(":", 1)[0] if not rest.endswith("]") else rest
+        return scheme in ("http", "https") and name.lower() in LOOPBACK_NAMES
 
 
-def parse_request(body: bytes, default_max_tokens: int) -> dict:
-    """Validated generation settings from a /v1/chat/completions body.
+def printable(text: str) -> str:
+    r"""`text` with control and other unprintable characters escaped, for one honest log line.
 
-    >>> parse_request(b'{"messages": [{"role": "user", "content": "hi"}]}', 64)["max_tokens"]
-    64
-    >>> parse_request(b'{"messages": []}', 64)
-    Traceback (most recent call last):
-    ...
-    chatforge.serve.server.RequestError: messages must be a non-empty list
+    >>> printable("GET /\x1b[31m\r\nfake")
+    'GET /\\x1b[31m\\r\\nfake'
     """
-    try:
-        req = json.loads(body or b"{}")
-    except ValueError as e:
-        raise RequestError(f"body is not JSON: {e}") from None
-    if not isinstance(req, dict):
-        raise RequestError("body must be a JSON object")
-    messages = req.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string")
-        clean.append({"role": m["role"], "content": content})
-    max_tokens = req.get("max_completion_tokens", req.get("max_tokens")) or default_max_tokens
-    temperature = req.get("temperature", 1.0)
-    top_p = req.get("top_p", 1.0)
-    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise RequestError(f"{name} must be a non-negative number")
-    if int(req.get("n", 1)) != 1:
-        raise RequestError("only n=1 is supported")
-    return {
-        "messages": clean,
-        "max_tokens": int(max_tokens),
-        "temperature": float(temperature),
-        "top_p": float(top_p) or 1.0,
-        "stream": bool(req.get("stream", False)),
-    }
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-class Engine:
-    """The model, its tokenizer and a lock: one generation at a time."""
-
-    def __init__(self, lm, tok, name: str, max_context: int = 0, default_max_tokens: int = 256):
-        self.lm, self.tok, self.name = lm, tok, name
-        self.max_context = max_context
-        self.default_max_tokens = default_max_tokens
-        self.lock = threading.Lock()
-        self.created = int(time.time())
-
-    def stream(self, req: dict, stats):
-        from chatforge.serve.chat import context_window, fit_context, stream_reply
-
-        window = context_window(self.lm, self.max_context)
-        ids, _ = fit_context(self.tok, req["messages"], window, req["max_tokens"])
-        with self.lock:
-            yield from stream_reply(
-                self.lm, self.tok, ids, req["max_tokens"], req["temperature"], req["top_p"], stats
-            )
+def _plain_error(status: int, message: str, code: str | None = None) -> tuple[int, dict]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return status, ApiError(message, status, None, code, kind).body()
 
 
-def _completion(engine: Engine, cid: str, text: str, stats) -> dict:
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": engine.name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": stats.finish_reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": stats.prompt_tokens,
-            "completion_tokens": stats.completion_tokens,
-            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
-        },
-    }
+class GuardMiddleware:
+    """ASGI middleware: Host/Origin/API-key checks, body size and read time limits, one log line per
+    request. A rejected request is answered here, after its body has been drained (up to the size
+    limit) so a kept-alive connection stays in step."""
 
+    def __init__(self, app, guard: Guard, log=print):
+        self.app, self.guard, self.log = app, guard, log
 
-def _chunk(engine: Engine, cid: str, delta: dict, finish: str | None) -> dict:
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": engine.name,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        status_box = [0]
 
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+            await send(message)
 
-def make_handler(engine: Engine):
-    from chatforge.serve.chat import ReplyStats
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt, *args):  # one short line per request
-            print(f"chatforge serve: {self.address_string()} {fmt % args}", flush=True)
-
-        def _json(self, status: int, obj: dict) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-            self._json(status, {"error": {"message": message, "type": kind, "code": None}})
-
-        def do_GET(self):  # noqa: N802
-            path = self.path.split("?")[0].rstrip("/")
-            if path == "/v1/models":
-                model = {
-                    "id": engine.name,
-                    "object": "model",
-                    "created": engine.created,
-                    "owned_by": "chatforge",
-                }
-                self._json(200, {"object": "list", "data": [model]})
-            elif path in ("", "/health"):
-                self._json(200, {"status": "ok", "model": engine.name})
+        guarded = self._limited(receive, headers)
+        refusal = self._refusal(scope, headers)
+        try:
+            if refusal:
+                await self._drain(guarded)
+                await self._send_json(send_logged, *refusal)
             else:
-                self._error(404, f"no route GET {self.path}", "not_found")
+                await self.app(scope, guarded, send_logged)
+        except ApiError as e:  # the body broke a limit before the app read it all
+            if not status_box[0]:
+                await self._send_json(send_logged, e.status, e.body(), close=True)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            line = f"{scope['method']} {scope.get('raw_path', b'').decode('latin-1') or scope['path']}"
+            self.log(f"chatforge serve: {client[0]} {printable(line)} {status_box[0] or '-'}")
 
-        def do_POST(self):  # noqa: N802
-            if self.path.split("?")[0].rstrip("/") != "/v1/chat/completions":
-                self._error(404, f"no route POST {self.path}", "not_found")
-                return
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+    def _refusal(self, scope, headers) -> tuple[int, dict] | None:
+        g = self.guard
+        host = headers.get("host", "")
+        if not g.host_ok(host):
+            return _plain_error(403, f"Host {printable(host)!r} is not allowed (see --allow-host)")
+        origin = headers.get("origin")
+        if origin is not None and not g.origin_ok(origin, host):
+            return _plain_error(403, f"Origin {printable(origin)!r} is not allowed (see --allow-origin)")
+        public = scope["method"] == "OPTIONS" or scope["path"] in ("/", "/health")
+        if g.api_key and not public:
+            token = headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(token.encode(), g.api_key.encode()):
+                return 401, ApiError(
+                    "missing or wrong API key (Authorization: Bearer KEY)", 401, None, "invalid_api_key"
+                ).body()
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > g.max_body:
+            return _plain_error(413, f"body of {length} bytes is over the {g.max_body}-byte limit")
+        return None
+
+    def _limited(self, receive, headers):
+        g, seen = self.guard, [0]
+
+        async def guarded():
             try:
-                req = parse_request(body, engine.default_max_tokens)
-            except RequestError as e:
-                self._error(400, str(e))
-                return
-            cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-            stats = ReplyStats()
-            if not req["stream"]:
-                try:
-                    text = "".join(engine.stream(req, stats)).strip()
-                except Exception as e:  # noqa: BLE001 - the client gets the reason, the server lives
-                    self._error(500, f"generation failed: {e}", "server_error")
+                message = await asyncio.wait_for(receive(), g.timeout)
+            except asyncio.TimeoutError:
+                raise ApiError(f"the request body did not arrive within {g.timeout:g} s", 408) from None
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > g.max_body:
+                    raise ApiError(f"body over the {g.max_body}-byte limit", 413)
+            return message
+
+        return guarded
+
+    @staticmethod
+    async def _drain(receive) -> None:
+        message = {"more_body": True}
+        while message.get("more_body") and message.get("type", "http.request") == "http.request":
+            message = await receive()
+
+    @staticmethod
+    async def _send_json(send, status: int, body: dict, close: bool = False) -> None:
+        import json
+
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
+def _check_model(engine: Engine, model: str | None) -> None:
+    if model is not None and model != engine.name:
+        raise ApiError(
+            f"model {model!r} is not served here; this server has {engine.name!r}",
+            404,
+            "model",
+            "model_not_found",
+        )
+
+
+def _budget(
+    engine: Engine, prompt_len: int, asked: int | None, default: int, param: str = "max_tokens"
+) -> int:
+    """The reply length: what was asked if prompt + reply fit the window (else 400), or the default
+    clamped to what the window leaves."""
+    room = engine.window - prompt_len
+    if room < 0 or (room == 0 and asked != 0):
+        raise ApiError(
+            f"the prompt is {prompt_len} tokens; the context window is {engine.window}",
+            param="messages" if param == "max_tokens" and asked is None else param,
+            code="context_length_exceeded",
+        )
+    if asked is None:
+        return min(default, room)
+    if asked > room:
+        raise ApiError(
+            f"prompt ({prompt_len} tokens) + {param} ({asked}) is over the context window ({engine.window})",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return asked
+
+
+def _sampling(req, max_tokens: int, top_logprobs: int, choice: int) -> Sampling:
+    seed = None if req.seed is None else (req.seed + choice) % 2**63
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=seed,
+        stop=req.stops(),
+        top_logprobs=top_logprobs,
+    )
+
+
+def chat_job(engine: Engine, req: ChatRequest) -> tuple[list[int], list[Sampling]]:
+    """(prompt ids, one Sampling per choice) of a validated chat request; 4xx ApiError if it cannot run."""
+    from chatforge.data.templates import tokenize_prompt
+
+    _check_model(engine, req.model)
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
+    ]
+    ids = tokenize_prompt(engine.tok, messages)
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    budget = _budget(engine, len(ids), asked, engine.default_max_tokens, param)
+    k = (req.top_logprobs or 0) if req.logprobs else 0
+    return ids, [_sampling(req, budget, k, i) for i in range(req.n or 1)]
+
+
+def completion_jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[int], list[Sampling]]]:
+    """For each prompt of a validated completions request: (prompt ids, one Sampling per choice)."""
+    _check_model(engine, req.model)
+    vocab = len(engine.tok)
+    out = []
+    for i, p in enumerate(req.prompts()):
+        ids = list(engine.tok(p)["input_ids"]) if isinstance(p, str) else p
+        if not ids:
+            raise ApiError(f"prompt[{i}] is empty", param="prompt")
+        if max(ids) >= vocab:
+            raise ApiError(f"prompt[{i}] has token id {max(ids)}; the vocabulary has {vocab}", param="prompt")
+        budget = _budget(engine, len(ids), req.max_tokens, 16)
+        k = req.logprobs or 0
+        out.append((ids, [_sampling(req, budget, k, c) for c in range(req.n or 1)]))
+    return out
+
+
+async def run_on(scheduler, work, is_disconnected=None):
+    """Run `work(engine, should_stop, emit)` on the scheduler; yield what it emits, as it comes.
+
+    Leaving the loop early (a client gone, an error) cancels the job: its generation stops at the
+    next token. `is_disconnected` (an async callable) is polled while waiting."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    def emit(item) -> None:
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: the server is going down
+            pass
+
+    def run(engine, cancelled) -> None:
+        try:
+            work(engine, cancelled.is_set, emit)
+        except Exception as e:  # noqa: BLE001 - handed to the request, which answers 500
+            emit(e)
+        emit(end)
+
+    job = Job(run)
+    scheduler.submit(job)
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(items.get(), 1.0)
+            except asyncio.TimeoutError:
+                if is_disconnected is not None and await is_disconnected():
                     return
-                self._json(200, _completion(engine, cid, text, stats))
+                continue
+            if item is end:
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-
-            def send(obj) -> None:
-                payload = obj if isinstance(obj, str) else json.dumps(obj)
-                self.wfile.write(f"data: {payload}\n\n".encode())
-                self.wfile.flush()
-
-            try:
-                send(_chunk(engine, cid, {"role": "assistant", "content": ""}, None))
-                for piece in engine.stream(req, stats):
-                    if piece:
-                        send(_chunk(engine, cid, {"content": piece}, None))
-                send(_chunk(engine, cid, {}, stats.finish_reason))
-                send("[DONE]")
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client went away
-
-    return Handler
+            if isinstance(item, Exception):
+                raise ApiError(f"generation failed: {item}", 500, kind="server_error")
+            yield item
+    finally:
+        job.cancelled.set()
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A ready server (port 0 picks a free one: see `server.server_address`)."""
-    server = ThreadingHTTPServer((host, port), make_handler(engine))
-    server.daemon_threads = True
-    return server
+def sample_all(jobs: list[tuple[list[int], list[Sampling]]], prompt_top: int | None = None):
+    """A `work` function sampling every choice of every prompt in turn, emitting (choice index, Step);
+    with `prompt_top`, each choice first gets (index, the prompt's `Engine.prompt_logprobs`)."""
+
+    def work(engine: Engine, should_stop, emit) -> None:
+        index = 0
+        for ids, samplings in jobs:
+            scores = None if prompt_top is None else engine.prompt_logprobs(ids, prompt_top)
+            for s in samplings:
+                if scores is not None:
+                    emit((index, scores))
+                for step in engine.sample(ids, s, should_stop):
+                    emit((index, step))
+                if should_stop():
+                    return
+                index += 1
+
+    return work
+
+
+def create_app(engine: Engine, guard: Guard, scheduler=None, log=print):
+    """The ASGI app: routes (`chatforge.serve.routes`) behind CORS and `GuardMiddleware`."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+    from starlette.middleware.cors import CORSMiddleware
+
+    from chatforge.serve.routes import add_routes
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.scheduler = engine, scheduler or OneAtATime(engine)
+    app.state.created = int(time.time())
+    add_routes(app)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, e: ApiError):
+        return JSONResponse(e.body(), e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, e: HTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        return JSONResponse(_plain_error(e.status_code, str(e.detail), code)[1], e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, e: RequestValidationError):
+        return JSONResponse(ApiError(str(e.errors()[0]["msg"])).body(), 400)
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, e: Exception):
+        return JSONResponse(_plain_error(500, f"internal error: {type(e).__name__}: {e}")[1], 500)
+
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origin_regex=r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?",
+        allow_origins=sorted(guard.origins),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["authorization", "content-type"],
+    )
+    return GuardMiddleware(app, guard, log)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+    (True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(app, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0):
+    """(uvicorn server, bound socket): `server.run(sockets=[sock])` serves; port 0 picks a free port."""
+    import socket
+
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    config = uvicorn.Config(
+        app,
+        access_log=False,  # GuardMiddleware logs each request, escaped
+        log_level="warning",
+        timeout_keep_alive=int(timeout),
+        limit_concurrency=64,
+        h11_max_incomplete_event_size=64 * 1024,
+        server_header=False,
+        lifespan="off",
+    )
+    return uvicorn.Server(config), sock
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="chatforge serve", description="OpenAI-compatible HTTP server.")
+    p = argparse.ArgumentParser(
+        prog="chatforge serve", description="OpenAI-compatible HTTP server and chat page."
+    )
     p.add_argument("model", help="model dir, adapter dir, .gguf file or 'default'")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; off loopback needs --api-key")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default="", help="model id reported to clients (default: the dir name)")
-    p.add_argument("--max-tokens", type=int, default=256, help="default reply length limit")
+    p.add_argument("--max-tokens", type=int, default=256, help="reply length when a request gives none")
     p.add_argument("--max-context", type=int, default=0, help="context window; 0 = the model's")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--api-key", default="", help="require 'Authorization: Bearer KEY' (or env CHATFORGE_API_KEY)"
+    )
+    p.add_argument(
+        "--allow-origin", action="append", default=[], help="extra browser origin allowed (repeat)"
+    )
+    p.add_argument(
+        "--allow-host", action="append", default=[], help="extra Host name allowed (repeat; * = any)"
+    )
+    p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a client may take to send a body")
     args = p.parse_args(argv)
-    from pathlib import Path
+    import os
 
+    api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY", "")
+    if not is_loopback(args.host) and not api_key:
+        print(f"chatforge serve: binding {args.host} (not loopback) needs --api-key KEY", file=sys.stderr)
+        return 2
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("chatforge serve: needs FastAPI and uvicorn: pip install 'chatforge[serve]'", file=sys.stderr)
+        return 2
     from chatforge.evaluate import load_inference_model
 
     lm, tok = load_inference_model(args.model, args.dtype)
     name = args.name or Path(args.model.rstrip("/")).name or "chatforge"
     engine = Engine(lm, tok, name, args.max_context, args.max_tokens)
-    server = make_server(engine, args.host, args.port)
-    host, port = server.server_address[:2]
-    print(f"chatforge serve: {name} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    hosts = set(args.allow_host) | ({"*"} if args.host in ("0.0.0.0", "::") else {args.host})
+    guard = Guard(hosts, set(args.allow_origin), api_key, args.max_body, args.timeout)
+    server, sock = make_server(create_app(engine, guard), args.host, args.port, args.timeout)
+    host, port = sock.getsockname()[:2]
+    print(f"chatforge serve: {name} on http://{host}:{port}/ (chat page) and /v1 (Ctrl-C stops)", flush=True)
     try:
-        server.serve_forever()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
     return 0
