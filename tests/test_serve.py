@@ -97,3 +97,10 @@ def test_engine_seed_and_should_stop(tiny_lm):
     calls = []
     steps = list(engine.sample(prompt, Sampling(max_tokens=10), lambda: calls.append(1) or len(calls) > 3))
     assert len(steps) == 3 and steps[-1].finish is None  # stopped from outside, not by the model
+
+
+def test_serve_off_loopback_needs_an_api_key(capsys):
+    from chatforge.serve import server
+
+    assert server.main(["no-model-loaded", "--host", "0.0.0.0"]) == 2
+    assert "--api-key" in capsys.readouterr().err
