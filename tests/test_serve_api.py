@@ -21,16 +21,17 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 class CountingScheduler(OneAtATime):
-    """Records how each job's generation ended: the last Step of every `Engine.sample` call."""
+    """Records each `Engine.sample` call: its (prompt ids, Sampling) in `calls`, its last Step in `ends`."""
 
     def __init__(self, engine):
         super().__init__(engine)
-        self.ends = []
+        self.ends, self.calls = [], []
         real = engine.sample
 
-        def sample(*args, **kwargs):
+        def sample(prompt_ids, s, *args, **kwargs):
+            self.calls.append((prompt_ids, s))
             last = None
-            for last in real(*args, **kwargs):
+            for last in real(prompt_ids, s, *args, **kwargs):
                 yield last
             self.ends.append(last)
 
@@ -317,3 +318,107 @@ def test_api_key_is_required_when_set(tiny_model_dir, live):
 def test_chat_page_is_served(live):
     status, page = _ask(_conn(live), "GET", "/")
     assert status == 200 and b"/v1/chat/completions" in page and b"<script" in page
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4: no websocket)."""
+
+    def __init__(self, tmp):
+        import os
+        import subprocess
+
+        self.to_browser, theirs_in = os.pipe()[::-1]
+        self.from_browser, theirs_out = os.pipe()
+        cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe"]
+        cmd += [f"--user-data-dir={tmp}", "about:blank"]
+        self.proc = subprocess.Popen(
+            cmd,
+            pass_fds=(3, 4),
+            preexec_fn=lambda: (os.dup2(theirs_in, 3), os.dup2(theirs_out, 4)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(theirs_in)
+        os.close(theirs_out)
+        self.next_id, self.buffer, self.session = 0, b"", None
+        page = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)[
+            "sessionId"
+        ]
+
+    def send(self, method: str, **params) -> dict:
+        import os
+
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if self.session:
+            msg["sessionId"] = self.session
+        os.write(self.to_browser, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buffer:
+                self.buffer += os.read(self.from_browser, 1 << 20)
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def js(self, expression: str):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, seconds: float = 60):
+        deadline = time.monotonic() + seconds
+        while not (value := self.js(expression)):
+            assert time.monotonic() < deadline, f"never true: {expression}"
+            time.sleep(0.05)
+        return value
+
+    def type(self, text: str) -> None:
+        self.send("Input.insertText", text=text)
+        for kind in ("keyDown", "keyUp"):
+            self.send(
+                "Input.dispatchKeyEvent",
+                type=kind,
+                key="Enter",
+                code="Enter",
+                windowsVirtualKeyCode=13,
+                text="\r",
+            )
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="needs Debian's chromium")
+def test_chat_page_in_a_real_browser(live, tmp_path):
+    browser = Browser(tmp_path)
+    try:
+        browser.send("Page.navigate", url=f"http://127.0.0.1:{live['port']}/")
+        browser.wait_for("document.getElementById('model').textContent === 'tiny'")
+        browser.js(
+            "document.getElementById('system').value = 'be brief';"
+            "document.getElementById('temperature').value = '0';"
+            "document.getElementById('stop').value = '###';"
+            "window.updates = 0; new MutationObserver(() => updates++).observe("
+            "  document.getElementById('log'), {subtree: true, characterData: true, childList: true});"
+            "document.getElementById('input').focus()"
+        )
+        calls = live["scheduler"].calls
+        before = len(calls)
+        browser.type("hello there")
+        done = "!document.getElementById('send').disabled && document.querySelectorAll('.assistant').length"
+        browser.wait_for(done + " === 1")
+        first = browser.js("document.querySelector('.assistant').textContent")
+        assert first and browser.js("updates") > 3  # the reply arrived in pieces, not at once
+        browser.js("document.getElementById('input').focus()")
+        browser.type("and again")
+        browser.wait_for(done + " === 2")
+        assert browser.js("history.length") == 4 and not browser.js("document.querySelector('.error')")
+        (ids1, s1), (ids2, s2) = calls[before], calls[before + 1]
+        tok = live["tok"]
+        assert s1.temperature == 0 and s1.stop == ["###"]
+        second = tok.decode(ids2)
+        assert "be brief" in second and "hello there" in second and first in second and "and again" in second
+    finally:
+        browser.close()
