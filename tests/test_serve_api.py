@@ -415,10 +415,9 @@ def test_chat_page_in_a_real_browser(live, tmp_path):
         browser.type("and again")
         browser.wait_for(done + " === 2")
         assert browser.js("history.length") == 4 and not browser.js("document.querySelector('.error')")
-        (ids1, s1), (ids2, s2) = calls[before], calls[before + 1]
-        tok = live["tok"]
-        assert s1.temperature == 0 and s1.stop == ["###"]
-        second = tok.decode(ids2)
+        (_, s1), (ids2, s2) = calls[before], calls[before + 1]
+        assert s1.temperature == s2.temperature == 0 and s1.stop == s2.stop == ["###"]
+        second = live["tok"].decode(ids2)
         assert "be brief" in second and "hello there" in second and first in second and "and again" in second
     finally:
         browser.close()
