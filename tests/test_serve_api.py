@@ -135,6 +135,19 @@ def test_logprobs_match_the_model(client, live):
     assert all(t.logprob >= t.top_logprobs[-1].logprob for t in content)  # greedy took the top token
 
 
+def test_json_mode_writes_only_json(client):
+    from chatforge.serve.json_mode import START, advance
+
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="tiny", messages=HI, max_tokens=40, seed=seed, response_format={"type": "json_object"}
+        )
+        text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        assert text.lstrip().startswith("{") and advance(START, text) is not None  # a valid JSON prefix
+        if finish == "stop":
+            assert isinstance(json.loads(text), dict)
+
+
 def test_models_and_unknown_model(client):
     assert [m.id for m in client.models.list()] == ["tiny"] and client.models.retrieve("tiny").id == "tiny"
     for call in (

@@ -25,6 +25,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from chatforge.serve import json_mode
+
 
 @dataclass
 class Sampling:
@@ -36,6 +38,7 @@ class Sampling:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0  # alternatives reported per token
+    json: bool = False  # JSON mode: only tokens that keep the reply a valid JSON object (json_mode.py)
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Engine:
         self.window = context_window(lm, max_context)
         self.default_max_tokens = default_max_tokens
         self.stop_ids = set(stop_token_ids(tok))
+        self.texts: dict[int, str] = {}  # token id -> its text, for JSON mode
         # Prompt and prefix tuning (peft) add their virtual tokens on every forward: no KV cache there,
         # each step re-reads the whole sequence (slower, correct).
         peft_config = getattr(lm, "active_peft_config", None)
@@ -119,6 +123,27 @@ class Engine:
         cache = getattr(out, self.cache_kw, None) if self.use_cache else None
         return out.logits[0, -new:].float(), cache
 
+    @staticmethod
+    def _warp(scores, warpers):
+        for w in warpers:
+            scores = w(None, scores)
+        return scores
+
+    def _token_text(self, token: int) -> str:
+        if token not in self.texts:
+            self.texts[token] = self.tok.decode([token])
+        return self.texts[token]
+
+    def _json_token(self, last, warpers, gen, state):
+        """JSON mode's draw: Gumbel-max over the warped scores (plain argmax when greedy), first valid."""
+        import torch
+
+        keys = last[0]
+        if warpers:
+            uniform = torch.rand(keys.shape, generator=gen).clamp_(1e-12, 1 - 1e-12).to(keys.device)
+            keys = torch.log_softmax(self._warp(last, warpers)[0], -1) - torch.log(-torch.log(uniform))
+        return json_mode.choose(keys, state, self.stop_ids, self._token_text)
+
     def _top(self, logprobs, k: int) -> list[tuple[str, float]]:
         if k <= 0:
             return []
@@ -140,17 +165,19 @@ class Engine:
         warpers = [TemperatureLogitsWarper(s.temperature), TopPLogitsWarper(s.top_p)] if s.temperature else []
         ids: list[int] = []
         text, sent = "", 0
+        jstate = json_mode.START
         if s.max_tokens == 0 or should_stop():
             return
         logits, past = self._forward(prompt_ids, 1)
         while True:
             last = logits[-1:]
             logprobs = torch.log_softmax(last[0], -1)
-            if warpers:
-                scores = last
-                for w in warpers:
-                    scores = w(None, scores)
-                probs = torch.softmax(scores, -1).cpu()
+            if s.json:
+                token, jstate = self._json_token(last, warpers, gen, jstate)
+                if token is None:  # nothing can continue the object: end here
+                    return
+            elif warpers:
+                probs = torch.softmax(self._warp(last, warpers), -1).cpu()
                 token = int(torch.multinomial(probs, 1, generator=gen))
             else:
                 token = int(last[0].argmax())
@@ -158,6 +185,8 @@ class Engine:
             finish = None
             if token in self.stop_ids:
                 finish = "stop"
+            elif s.json and json_mode.complete(jstate):
+                text, finish = self.tok.decode(ids, skip_special_tokens=True), "stop"
             else:
                 text = self.tok.decode(ids, skip_special_tokens=True)
                 cut = first_stop(text, s.stop)

@@ -4,7 +4,7 @@ Every field OpenAI defines for these endpoints is either honoured or refused wit
 field: a field not listed here is an unknown field (400), a wrong type is never coerced (`"n": "two"`
 and `"n": 1.5` are refused), numbers are range-checked, and `null` means "the default" as in OpenAI's
 schema. Refused on purpose (nothing here could honour them): tools and function calling, the `tool`
-role, `response_format` other than `text`, `logit_bias`, non-zero frequency/presence penalties,
+role, `response_format` `json_schema` (`json_object` is honoured), `logit_bias`, non-zero frequency/presence penalties,
 `suffix`, `best_of` other than `n`, non-text content parts.
 
     >>> req = parse(ChatRequest, b'{"messages": [{"role": "developer", "content": "be brief"}]}')
@@ -69,7 +69,7 @@ class StreamOptions(_Strict):
 
 
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object"]
 
 
 Stops = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOPS)]
@@ -184,7 +184,7 @@ def parse(model: type[BaseModel], body: bytes):
         elif err["type"] == "literal_error" and param in ("frequency_penalty", "presence_penalty"):
             msg = "only 0 is supported"
         elif param == "response_format.type":
-            msg = "only response_format {'type': 'text'} is supported (no JSON mode or schema)"
+            msg = "only 'text' and 'json_object' are supported (no json_schema)"
         elif param and param.endswith(".role"):
             msg = "role must be system, developer, user or assistant (tools are not supported)"
         raise ApiError(f"{param}: {msg}" if param else msg, param=param) from None

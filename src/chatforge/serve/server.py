@@ -233,7 +233,11 @@ def chat_job(engine: Engine, req: ChatRequest) -> tuple[list[int], list[Sampling
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     budget = _budget(engine, len(ids), asked, engine.default_max_tokens, param)
     k = (req.top_logprobs or 0) if req.logprobs else 0
-    return ids, [_sampling(req, budget, k, i) for i in range(req.n or 1)]
+    samplings = [_sampling(req, budget, k, i) for i in range(req.n or 1)]
+    if req.response_format is not None and req.response_format.type == "json_object":
+        for s in samplings:
+            s.json = True
+    return ids, samplings
 
 
 def completion_jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[int], list[Sampling]]]:
