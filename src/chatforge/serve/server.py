@@ -23,156 +23,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
-import ipaddress
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatforge.serve.engine import Engine, Job, OneAtATime, Sampling
+from chatforge.serve.guard import Guard, GuardMiddleware, is_loopback, plain_error
 from chatforge.serve.protocol import ApiError, ChatRequest, CompletionRequest
 
 PAGE = Path(__file__).with_name("chat.html")
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
-
-
-@dataclass
-class Guard:
-    """Who may talk to the server: Host names, browser Origins and the API key."""
-
-    hosts: set[str] = field(default_factory=set)  # extra Host names (no port); "*" = any
-    origins: set[str] = field(default_factory=set)  # extra origins, "scheme://host[:port]"
-    api_key: str = ""
-    max_body: int = 1 << 20
-    timeout: float = 30.0
-
-    def host_ok(self, host: str) -> bool:
-        """`host` is a Host header: loopback, listed, or anything under "*".
-
-        >>> g = Guard()
-        >>> g.host_ok("localhost:8000"), g.host_ok("127.0.0.1"), g.host_ok("evil.example:8000")
-        (True, True, False)
-        """
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        return "*" in self.hosts or name.lower() in (*LOOPBACK_NAMES, *self.hosts)
-
-    def origin_ok(self, origin: str, host: str) -> bool:
-        """A browser Origin is allowed when it is loopback, this server itself, or listed.
-
-        >>> g = Guard(origins={"https://app.example"})
-        >>> [g.origin_ok(o, "10.0.0.2:8000") for o in
-        ...  ("http://localhost:3000", "http://10.0.0.2:8000", "https://app.example", "null", "http://evil")]
-        [True, True, True, False, False]
-        """
-        if origin in self.origins or origin == f"http://{host}" or origin == f"https://{host}":
-            return True
-        scheme, _, rest = origin.partition("://")
-        name = rest.rsplit(":", 1)[0] if not rest.endswith("]") else rest
-        return scheme in ("http", "https") and name.lower() in LOOPBACK_NAMES
-
-
-def printable(text: str) -> str:
-    r"""`text` with control and other unprintable characters escaped, for one honest log line.
-
-    >>> printable("GET /\x1b[31m\r\nfake")
-    'GET /\\x1b[31m\\r\\nfake'
-    """
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _plain_error(status: int, message: str, code: str | None = None) -> tuple[int, dict]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return status, ApiError(message, status, None, code, kind).body()
-
-
-class GuardMiddleware:
-    """ASGI middleware: Host/Origin/API-key checks, body size and read time limits, one log line per
-    request. A rejected request is answered here, after its body has been drained (up to the size
-    limit) so a kept-alive connection stays in step."""
-
-    def __init__(self, app, guard: Guard, log=print):
-        self.app, self.guard, self.log = app, guard, log
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        status_box = [0]
-
-        async def send_logged(message):
-            if message["type"] == "http.response.start":
-                status_box[0] = message["status"]
-            await send(message)
-
-        guarded = self._limited(receive, headers)
-        refusal = self._refusal(scope, headers)
-        try:
-            if refusal:
-                await self._drain(guarded)
-                await self._send_json(send_logged, *refusal)
-            else:
-                await self.app(scope, guarded, send_logged)
-        except ApiError as e:  # the body broke a limit before the app read it all
-            if not status_box[0]:
-                await self._send_json(send_logged, e.status, e.body(), close=True)
-        finally:
-            client = scope.get("client") or ("-", 0)
-            line = f"{scope['method']} {scope.get('raw_path', b'').decode('latin-1') or scope['path']}"
-            self.log(f"chatforge serve: {client[0]} {printable(line)} {status_box[0] or '-'}")
-
-    def _refusal(self, scope, headers) -> tuple[int, dict] | None:
-        g = self.guard
-        host = headers.get("host", "")
-        if not g.host_ok(host):
-            return _plain_error(403, f"Host {printable(host)!r} is not allowed (see --allow-host)")
-        origin = headers.get("origin")
-        if origin is not None and not g.origin_ok(origin, host):
-            return _plain_error(403, f"Origin {printable(origin)!r} is not allowed (see --allow-origin)")
-        public = scope["method"] == "OPTIONS" or scope["path"] in ("/", "/health")
-        if g.api_key and not public:
-            token = headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(token.encode(), g.api_key.encode()):
-                return 401, ApiError(
-                    "missing or wrong API key (Authorization: Bearer KEY)", 401, None, "invalid_api_key"
-                ).body()
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > g.max_body:
-            return _plain_error(413, f"body of {length} bytes is over the {g.max_body}-byte limit")
-        return None
-
-    def _limited(self, receive, headers):
-        g, seen = self.guard, [0]
-
-        async def guarded():
-            try:
-                message = await asyncio.wait_for(receive(), g.timeout)
-            except asyncio.TimeoutError:
-                raise ApiError(f"the request body did not arrive within {g.timeout:g} s", 408) from None
-            if message["type"] == "http.request":
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > g.max_body:
-                    raise ApiError(f"body over the {g.max_body}-byte limit", 413)
-            return message
-
-        return guarded
-
-    @staticmethod
-    async def _drain(receive) -> None:
-        message = {"more_body": True}
-        while message.get("more_body") and message.get("type", "http.request") == "http.request":
-            message = await receive()
-
-    @staticmethod
-    async def _send_json(send, status: int, body: dict, close: bool = False) -> None:
-        import json
-
-        data = json.dumps(body).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-        if close:
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": data})
 
 
 def _check_model(engine: Engine, model: str | None) -> None:
@@ -340,7 +199,7 @@ def create_app(engine: Engine, guard: Guard, scheduler=None, log=print):
     @app.exception_handler(HTTPException)
     async def http_error(_request, e: HTTPException):
         code = "not_found" if e.status_code == 404 else None
-        return JSONResponse(_plain_error(e.status_code, str(e.detail), code)[1], e.status_code)
+        return JSONResponse(plain_error(e.status_code, str(e.detail), code)[1], e.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, e: RequestValidationError):
@@ -348,7 +207,7 @@ def create_app(engine: Engine, guard: Guard, scheduler=None, log=print):
 
     @app.exception_handler(Exception)
     async def server_error(_request, e: Exception):
-        return JSONResponse(_plain_error(500, f"internal error: {type(e).__name__}: {e}")[1], 500)
+        return JSONResponse(plain_error(500, f"internal error: {type(e).__name__}: {e}")[1], 500)
 
     app.add_middleware(
         CORSMiddleware,
@@ -358,20 +217,6 @@ def create_app(engine: Engine, guard: Guard, scheduler=None, log=print):
         allow_headers=["authorization", "content-type"],
     )
     return GuardMiddleware(app, guard, log)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the server on this machine.
-
-    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0")
-    (True, True, False)
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def make_server(app, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0):
