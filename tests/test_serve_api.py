@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from chatforge.evaluate import load_inference_model  # noqa: E402
-from chatforge.serve import server  # noqa: E402
+from chatforge.serve import app as server  # noqa: E402
 from chatforge.serve.engine import Engine, OneAtATime  # noqa: E402
 
 WINDOW = 128

@@ -1,8 +1,8 @@
 """The endpoints of `chatforge serve` and the OpenAI response shapes they return.
 
 Each generating endpoint: parse and validate the body (`protocol.parse`), turn it into prompt ids and
-one `Sampling` per choice (`server.chat_job` / `server.completion_jobs`, which refuse what cannot
-run), then consume `(choice index, Step)` pairs from the scheduler (`server.run_on`) into one JSON
+one `Sampling` per choice (`app.chat_job` / `app.completion_jobs`, which refuse what cannot
+run), then consume `(choice index, Step)` pairs from the scheduler (`app.run_on`) into one JSON
 response or a stream of server-sent events ending with `data: [DONE]`.
 """
 
@@ -43,7 +43,8 @@ def _sse(obj) -> str:
 
 
 def add_routes(app) -> None:
-    from chatforge.serve.server import PAGE, chat_job, completion_jobs, run_on, sample_all
+    from chatforge.serve.app import chat_job, completion_jobs, run_on, sample_all
+    from chatforge.serve.server import PAGE
 
     def model_card(engine) -> dict:
         return {"id": engine.name, "object": "model", "created": app.state.created, "owned_by": "chatforge"}
