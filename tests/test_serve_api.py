@@ -269,6 +269,7 @@ def test_bad_framing_gets_an_answer_and_slow_bodies_time_out(live):
     slow = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{"
     answer = _raw(live, slow)  # the body never comes: 408 after the server's 2 s timeout
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer
+    assert _raw(live, b"POST /v1/chat/completions HTTP/1.1\r\nHost: loc") == b""  # head never ends: closed
 
 
 def test_foreign_pages_and_hosts_are_refused_local_ones_allowed(live):
@@ -434,3 +435,18 @@ def test_chat_page_in_a_real_browser(live, tmp_path):
         assert "be brief" in second and "hello there" in second and first in second and "and again" in second
     finally:
         browser.close()
+
+
+def test_a_failure_mid_stream_ends_it_with_an_error_event(live, monkeypatch):
+    engine = live["engine"]
+    real = engine.sample
+
+    def broken(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine, "sample", broken)
+    body = json.dumps({"messages": HI, "max_tokens": 2, "stream": True})
+    status, raw = _ask(_conn(live), "POST", CHAT, body)
+    events = [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
+    assert status == 200 and "out of memory" in json.loads(events[-1])["error"]["message"]

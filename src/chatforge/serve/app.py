@@ -202,6 +202,42 @@ def create_app(engine: Engine, guard: Guard, scheduler=None, log=print):
     return GuardMiddleware(app, guard, log)
 
 
+def head_deadline_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline on request heads: a connection that has not sent a whole
+    request line and headers within `seconds` of opening (or of its last response) is closed, so a
+    client trickling bytes cannot hold one of the connection slots forever. Bodies have their own
+    limit (`guard.Guard.timeout`)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.deadline = self.loop.call_later(seconds, self._expire)
+
+        def _expire(self) -> None:
+            waiting_for_head = self.cycle is None or self.cycle.response_complete
+            if waiting_for_head and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadline
+
+
 def make_server(app, host: str = "127.0.0.1", port: int = 8000, timeout: float = 30.0):
     """(uvicorn server, bound socket): `server.run(sockets=[sock])` serves; port 0 picks a free port."""
     import socket
@@ -214,9 +250,10 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000, timeout: float =
     sock.bind((host.strip("[]"), port))
     config = uvicorn.Config(
         app,
+        http=head_deadline_protocol(timeout),
         access_log=False,  # GuardMiddleware logs each request, escaped
         log_level="warning",
-        timeout_keep_alive=int(timeout),
+        timeout_keep_alive=max(1, int(timeout)),
         limit_concurrency=64,
         h11_max_incomplete_event_size=64 * 1024,
         server_header=False,

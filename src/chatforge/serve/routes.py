@@ -42,6 +42,15 @@ def _sse(obj) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
+async def _error_as_event(events):
+    """A failure after a stream has begun (the status is already sent) becomes a last `error` event."""
+    try:
+        async for event in events:
+            yield event
+    except ApiError as e:
+        yield _sse(e.body())
+
+
 def add_routes(app) -> None:
     from chatforge.serve.app import chat_job, completion_jobs, run_on, sample_all
     from chatforge.serve.server import PAGE
@@ -139,7 +148,7 @@ def add_routes(app) -> None:
             yield _sse("[DONE]")
 
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            _error_as_event(events()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
     @app.post("/v1/completions")
@@ -231,5 +240,5 @@ def add_routes(app) -> None:
             yield _sse("[DONE]")
 
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            _error_as_event(events()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
