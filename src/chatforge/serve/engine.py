@@ -106,6 +106,9 @@ class Engine:
         self.use_cache = not getattr(peft_config, "is_prompt_learning", False)
         params = inspect.signature(lm.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self.keep_kw = (
+            "logits_to_keep" in params
+        )  # logits of the last positions only: no (P, V) prompt logits
         lm.eval()
 
     def _forward(self, ids: list[int], new: int, past=None):
@@ -114,12 +117,11 @@ class Engine:
 
         device = next(self.lm.parameters()).device
         feed = ids[-new:] if self.use_cache and past is not None else ids
+        kwargs = {self.cache_kw: past} if past is not None else {}
+        if self.keep_kw:
+            kwargs["logits_to_keep"] = new
         with torch.no_grad():
-            out = self.lm(
-                input_ids=torch.tensor([feed], device=device),
-                use_cache=self.use_cache,
-                **({self.cache_kw: past} if past is not None else {}),
-            )
+            out = self.lm(input_ids=torch.tensor([feed], device=device), use_cache=self.use_cache, **kwargs)
         cache = getattr(out, self.cache_kw, None) if self.use_cache else None
         return out.logits[0, -new:].float(), cache
 

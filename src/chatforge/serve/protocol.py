@@ -5,7 +5,8 @@ field: a field not listed here is an unknown field (400), a wrong type is never 
 and `"n": 1.5` are refused), numbers are range-checked, and `null` means "the default" as in OpenAI's
 schema. Refused on purpose (nothing here could honour them): tools and function calling, the `tool`
 role, `response_format` `json_schema` (`json_object` is honoured), `logit_bias`, non-zero frequency/presence penalties,
-`suffix`, `best_of` other than `n`, non-text content parts.
+`suffix`, `best_of` other than `n`, non-text content parts, a message's `name` (the chat template
+has no place for it).
 
     >>> req = parse(ChatRequest, b'{"messages": [{"role": "developer", "content": "be brief"}]}')
     >>> req.messages[0].role, req.n
@@ -58,7 +59,6 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
