@@ -215,10 +215,34 @@ def test_bad_fields_get_a_400_naming_them(live, body, param):
     )
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b"\xff\xfe{", b"", b'{"messages": NaN'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[1, 2]",
+        b"\xff\xfe{",
+        b"",
+        b'{"messages": NaN',
+        b"[" * 2000 + b"]" * 2000,
+        b'{"a": 1e999999}',
+    ],
+)
 def test_bodies_that_are_not_a_json_object_get_a_400(live, raw):
     status, err = _ask(_conn(live), "POST", CHAT, raw)
     assert status == 400 and "message" in err["error"]
+
+
+@pytest.mark.parametrize(
+    "content,param",
+    [("\ud800 lone surrogate", None), ("nul \u0000 byte", "ok"), ("\U0001f600" * 40, "messages")],
+)
+def test_odd_text_gets_an_answer_not_a_crash(live, content, param):
+    body = json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 1})
+    status, r = _ask(_conn(live), "POST", CHAT, body)
+    if param == "ok":
+        assert status == 200 and "choices" in r
+    else:
+        assert status == 400 and r["error"]["param"] == param
 
 
 def test_n_null_means_the_default(live):

@@ -28,15 +28,15 @@ def _check_model(engine: Engine, model: str | None) -> None:
 
 
 def _budget(
-    engine: Engine, prompt_len: int, asked: int | None, default: int, param: str = "max_tokens"
+    engine: Engine, prompt_len: int, asked: int | None, default: int, param: str, prompt_param: str
 ) -> int:
     """The reply length: what was asked if prompt + reply fit the window (else 400), or the default
-    clamped to what the window leaves."""
+    clamped to what the window leaves. `param`, `prompt_param`: the request fields to name."""
     room = engine.window - prompt_len
     if room < 0 or (room == 0 and asked != 0):
         raise ApiError(
             f"the prompt is {prompt_len} tokens; the context window is {engine.window}",
-            param="messages" if param == "max_tokens" and asked is None else param,
+            param=prompt_param if room < 0 or asked is None else param,
             code="context_length_exceeded",
         )
     if asked is None:
@@ -73,7 +73,7 @@ def chat_job(engine: Engine, req: ChatRequest) -> tuple[list[int], list[Sampling
     ids = tokenize_prompt(engine.tok, messages)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    budget = _budget(engine, len(ids), asked, engine.default_max_tokens, param)
+    budget = _budget(engine, len(ids), asked, engine.default_max_tokens, param, "messages")
     k = (req.top_logprobs or 0) if req.logprobs else 0
     samplings = [_sampling(req, budget, k, i) for i in range(req.n or 1)]
     if req.response_format is not None and req.response_format.type == "json_object":
@@ -93,7 +93,7 @@ def completion_jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[i
             raise ApiError(f"prompt[{i}] is empty", param="prompt")
         if max(ids) >= vocab:
             raise ApiError(f"prompt[{i}] has token id {max(ids)}; the vocabulary has {vocab}", param="prompt")
-        budget = _budget(engine, len(ids), req.max_tokens, 16)
+        budget = _budget(engine, len(ids), req.max_tokens, 16, "max_tokens", "prompt")
         k = req.logprobs or 0
         out.append((ids, [_sampling(req, budget, k, c) for c in range(req.n or 1)]))
     return out

@@ -171,8 +171,14 @@ def parse(model: type[BaseModel], body: bytes):
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError("body must be a JSON object")
+    try:  # JSON may spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can take
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise ApiError(f"body holds text that is not valid Unicode: {e.reason}") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
