@@ -196,7 +196,9 @@ def add_routes(app) -> None:
                 if not isinstance(item, Step):  # the prompt's scores come first
                     choices[i] = fresh(i, item)
                     continue
-                c = choices[i] if i in choices else choices.setdefault(i, fresh(i))
+                if i not in choices:
+                    choices[i] = fresh(i)
+                c = choices[i]
                 n_tokens += 1
                 if k is not None:
                     add(c["logprobs"], c["text"], engine.tok.decode([item.token_id]), item.logprob, item.top)
