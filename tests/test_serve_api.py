@@ -331,7 +331,7 @@ def test_a_client_leaving_mid_stream_stops_its_generation(live, monkeypatch):
 
     def slow(*args, **kwargs):  # a slower model, so the stream is surely mid-way when the client leaves
         for step in counted(*args, **kwargs):
-            time.sleep(0.02)
+            time.sleep(0.03)
             yield step
 
     monkeypatch.setattr(engine, "sample", slow)
@@ -471,6 +471,21 @@ def test_chat_page_in_a_real_browser(live, tmp_path):
         assert "be brief" in second and "hello there" in second and first in second and "and again" in second
     finally:
         browser.close()
+
+
+def test_a_stream_may_outlast_the_body_timeout(live, monkeypatch):
+    engine = live["engine"]
+    counted = engine.sample
+
+    def slow(*args, **kwargs):  # 3 tokens over 3 s, past the server's 2 s body timeout
+        for step in counted(*args, **kwargs):
+            time.sleep(1.0)
+            yield step
+
+    monkeypatch.setattr(engine, "sample", slow)
+    body = json.dumps({"messages": HI, "max_tokens": 3, "temperature": 1, "seed": 0, "stream": True})
+    status, raw = _ask(_conn(live), "POST", CHAT, body)
+    assert status == 200 and raw.decode().endswith("data: [DONE]\n\n") and b'"error"' not in raw
 
 
 def test_a_failure_mid_stream_ends_it_with_an_error_event(live, monkeypatch):

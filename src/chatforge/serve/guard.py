@@ -125,17 +125,25 @@ class GuardMiddleware:
         return None
 
     def _limited(self, receive, headers):
-        g, seen = self.guard, [0]
+        """`receive` with the body limits: the whole body within `timeout` of the request head (408)
+        and at most `max_body` bytes (413). Once the body is in, later receives (a streaming
+        response waiting for the client to leave) wait as long as they need."""
+        import time
+
+        g, seen, deadline, done = self.guard, [0], time.monotonic() + self.guard.timeout, [False]
 
         async def guarded():
+            if done[0]:
+                return await receive()
             try:
-                message = await asyncio.wait_for(receive(), g.timeout)
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
             except asyncio.TimeoutError:
                 raise ApiError(f"the request body did not arrive within {g.timeout:g} s", 408) from None
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
                 if seen[0] > g.max_body:
                     raise ApiError(f"body over the {g.max_body}-byte limit", 413)
+                done[0] = not message.get("more_body", False)
             return message
 
         return guarded
