@@ -104,3 +104,30 @@ def test_serve_off_loopback_needs_an_api_key(capsys):
 
     assert server.main(["no-model-loaded", "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_engine_samples_prompt_learning_adapters_as_the_training_forward_scores(method, tiny_model_dir):
+    # peft adds the virtual tokens on every forward, so the engine re-reads the whole sequence (no KV
+    # cache); each greedy token is the argmax of the plain forward (what training computes). On
+    # transformers 5.24 + peft, `lm.generate` differs here (prefix: its `cache` replaces peft's prefix).
+    import torch
+
+    from chatforge.config import PeftConfig
+    from chatforge.models.adapters import apply_peft
+    from chatforge.models.load import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = apply_peft(
+        load_model(tiny_model_dir, device="cpu"), PeftConfig(method=method, num_virtual_tokens=4)
+    )
+    tok = load_tokenizer(tiny_model_dir)
+    engine = Engine(model.eval(), tok)
+    prompt = tok("hello there")["input_ids"]
+    got = [s.token_id for s in engine.sample(prompt, Sampling(max_tokens=4, temperature=0))]
+    with torch.no_grad():
+        want = [
+            int(model(input_ids=torch.tensor([prompt + got[:t]])).logits[0, -1].argmax())
+            for t in range(len(got))
+        ]
+    assert got == want
