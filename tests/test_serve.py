@@ -1,14 +1,13 @@
-"""Terminal chat and the OpenAI-compatible server on a tiny random model."""
+"""Terminal chat and the sampling engine behind chat and serve, on a tiny random model (the HTTP
+server: tests/test_serve_api.py)."""
 
 import io
-import json
-import threading
-import urllib.request
 
 import pytest
 
 from chatforge.evaluate import load_inference_model
-from chatforge.serve import chat, server
+from chatforge.serve import chat
+from chatforge.serve.engine import Engine, Sampling
 
 
 @pytest.fixture(scope="module")
@@ -57,51 +56,78 @@ def test_history_is_trimmed_to_the_context_window(tiny_lm):
     assert text.count("system") == 1 and "last" in text and "question 0 " not in text
 
 
-def _serve(lm, tok):
-    engine = server.Engine(lm, tok, "tiny", default_max_tokens=5)
-    srv = server.make_server(engine, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
-
-
-def _post(url, body):
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    return urllib.request.urlopen(req, timeout=60)
-
-
-def test_server_answers_in_the_openai_shapes(tiny_lm):
+def test_ctrl_c_mid_reply_stops_it_and_the_chat_goes_on(tiny_lm, monkeypatch):
     lm, tok = tiny_lm
-    srv, base = _serve(lm, tok)
-    try:
-        models = json.load(urllib.request.urlopen(f"{base}/v1/models", timeout=30))
-        assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    session = chat.Session(lm, tok, max_new_tokens=50, temperature=1.0)
+    lines = iter(["first", "second", "/exit"])
+    written = []
 
-        msgs = [{"role": "user", "content": "hi"}]
-        body = {"model": "tiny", "messages": msgs, "temperature": 0, "max_tokens": 5}
-        r = json.load(_post(f"{base}/v1/chat/completions", body))
-        assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
-        choice = r["choices"][0]
-        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
-        assert choice["finish_reason"] in ("stop", "length")
-        usage = r["usage"]
-        assert 0 < usage["completion_tokens"] <= 5
-        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    def write(text):
+        written.append(text)
+        if len(written) == 4:  # "assistant> " and two pieces of the first reply: the user presses Ctrl-C
+            raise KeyboardInterrupt
 
-        # Streaming: role chunk, content chunks, a finish chunk, [DONE]; the same greedy text.
-        raw = _post(f"{base}/v1/chat/completions", {**body, "stream": True}).read().decode()
-        events = [e[len("data: ") :] for e in raw.split("\n\n") if e.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
-        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-        assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
-        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-        assert streamed.strip() == choice["message"]["content"]
+    assert chat.repl(session, read=lambda _prompt: next(lines), write=write) == 0
+    assert " [stopped]" in written
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["second"]
 
-        with pytest.raises(urllib.error.HTTPError) as err:
-            _post(f"{base}/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]})
-        assert err.value.code == 400
-        assert "messages[0].role" in json.load(err.value)["error"]["message"]
-    finally:
-        srv.shutdown()
-        srv.server_close()
+
+def test_engine_stops_on_a_stop_string_and_never_streams_it(tiny_lm):
+    lm, tok = tiny_lm
+    engine = Engine(lm, tok)
+    prompt = tok("hello")["input_ids"]
+    free = "".join(s.text for s in engine.sample(prompt, Sampling(max_tokens=12, temperature=0)))
+    assert len(free) > 4
+    stop = free[3:5]  # a stop string that greedy decoding produces mid-reply
+    steps = list(engine.sample(prompt, Sampling(max_tokens=12, temperature=0, stop=[stop])))
+    text = "".join(s.text for s in steps)
+    assert text == free[: free.find(stop)] and steps[-1].finish == "stop"
+
+
+def test_engine_seed_and_should_stop(tiny_lm):
+    lm, tok = tiny_lm
+    engine = Engine(lm, tok)
+    prompt = tok("hello")["input_ids"]
+
+    def ids(**kw):
+        return [s.token_id for s in engine.sample(prompt, Sampling(max_tokens=10, temperature=1.0, **kw))]
+
+    assert ids(seed=1) == ids(seed=1)
+    assert len({tuple(ids(seed=s)) for s in range(4)}) > 1
+    calls = []
+    steps = list(engine.sample(prompt, Sampling(max_tokens=10), lambda: calls.append(1) or len(calls) > 3))
+    assert len(steps) == 3 and steps[-1].finish is None  # stopped from outside, not by the model
+
+
+def test_serve_off_loopback_needs_an_api_key(capsys):
+    from chatforge.serve import server
+
+    assert server.main(["no-model-loaded", "--host", "0.0.0.0"]) == 2
+    assert "--api-key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_engine_samples_prompt_learning_adapters_as_the_training_forward_scores(method, tiny_model_dir):
+    # peft adds the virtual tokens on every forward, so the engine re-reads the whole sequence (no KV
+    # cache); each greedy token is the argmax of the plain forward (what training computes). On
+    # transformers 5.24 + peft, `lm.generate` differs here (prefix: its `cache` replaces peft's prefix).
+    import torch
+
+    from chatforge.config import PeftConfig
+    from chatforge.models.adapters import apply_peft
+    from chatforge.models.load import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = apply_peft(
+        load_model(tiny_model_dir, device="cpu"), PeftConfig(method=method, num_virtual_tokens=4)
+    )
+    tok = load_tokenizer(tiny_model_dir)
+    engine = Engine(model.eval(), tok)
+    prompt = tok("hello there")["input_ids"]
+    got = [s.token_id for s in engine.sample(prompt, Sampling(max_tokens=4, temperature=0))]
+    with torch.no_grad():
+        want = [
+            int(model(input_ids=torch.tensor([prompt + got[:t]])).logits[0, -1].argmax())
+            for t in range(len(got))
+        ]
+    assert got == want

@@ -5,8 +5,9 @@ MODEL_DIR is a full model dir, an adapter dir (LoRA, prefix, prompt tuning), a .
 it no longer fits the context window (minus room for the reply) the oldest turns are dropped, the
 system prompt never. Commands: `/reset` clears the history, `/exit` (or end of input) quits.
 
-The same pieces serve the HTTP server (`chatforge.serve.server`): `fit_context` builds the prompt
-ids inside the window, `stream_reply` yields text pieces and records how generation ended.
+Generation runs token by token in this thread (`chatforge.serve.engine`), so Ctrl-C mid-reply stops
+the reply at once and keeps the session: the interrupted turn is forgotten, the chat goes on. Line
+editing and history come from `readline` where Python has it.
 """
 
 from __future__ import annotations
@@ -16,26 +17,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-
-@dataclass
-class ReplyStats:
-    """How one reply ended: token counts and 'stop' (end of turn) or 'length' (token limit)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
-
-
-def context_window(lm, override: int = 0) -> int:
-    """Tokens the model attends to: `override`, else the model config's, else 2048."""
-    if override:
-        return override
-    cfg = lm.config
-    for name in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
+from chatforge.serve.engine import Engine, Sampling, context_window
 
 
 def fit_context(tok, messages: list[dict], max_context: int, max_new_tokens: int) -> tuple[list[int], int]:
@@ -61,64 +43,6 @@ def fit_context(tok, messages: list[dict], max_context: int, max_new_tokens: int
         rest, dropped = rest[cut:], dropped + cut
 
 
-def stream_reply(
-    lm,
-    tok,
-    prompt_ids: list[int],
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    stats: ReplyStats | None = None,
-) -> Iterator[str]:
-    """Yield the reply's text as it is generated (greedy when temperature is 0); fills `stats`."""
-    import threading
-
-    import torch
-    from transformers import TextIteratorStreamer
-
-    from chatforge.data.templates import stop_token_ids
-
-    stats = stats if stats is not None else ReplyStats()
-    device = next(lm.parameters()).device
-    ids = torch.tensor([prompt_ids], device=device)
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    sample = (
-        dict(do_sample=True, temperature=temperature, top_p=top_p)
-        if temperature > 0
-        else {"do_sample": False}
-    )
-    stops = stop_token_ids(tok)
-    result: dict = {}
-
-    def work() -> None:
-        try:
-            with torch.no_grad():
-                result["out"] = lm.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stops,
-                    pad_token_id=tok.pad_token_id,
-                    streamer=streamer,
-                    **sample,
-                )
-        except BaseException as e:  # surfaced in the caller's thread below
-            result["error"] = e
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    new = result["out"][0, ids.shape[1] :].tolist()
-    stopped = bool(new) and new[-1] in stops
-    stats.prompt_tokens = len(prompt_ids)
-    stats.completion_tokens = len(new)
-    stats.finish_reason = "stop" if stopped or len(new) < max_new_tokens else "length"
-
-
 @dataclass
 class Session:
     """A conversation with one model: history, system prompt and generation settings."""
@@ -131,6 +55,7 @@ class Session:
     top_p: float = 1.0
     max_context: int = 0
     history: list[dict] = field(default_factory=list)
+    engine: Engine | None = None
 
     def reset(self) -> None:
         self.history = []
@@ -145,13 +70,13 @@ class Session:
         ids, dropped = fit_context(self.tok, self.messages(), window, self.max_new_tokens)
         if dropped:
             self.history = self.history[dropped:]
+        self.engine = self.engine or Engine(self.lm, self.tok, max_context=self.max_context)
+        s = Sampling(self.max_new_tokens, self.temperature, self.top_p)
         pieces = []
         try:
-            for piece in stream_reply(
-                self.lm, self.tok, ids, self.max_new_tokens, self.temperature, self.top_p
-            ):
-                pieces.append(piece)
-                yield piece
+            for step in self.engine.sample(ids, s):
+                pieces.append(step.text)
+                yield step.text
         except BaseException:
             self.history.pop()  # an interrupted turn is forgotten
             raise
@@ -198,6 +123,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-context", type=int, default=0, help="context window; 0 = the model's")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     args = p.parse_args(argv)
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
     from chatforge.evaluate import load_inference_model
 
     lm, tok = load_inference_model(args.model, args.dtype)
