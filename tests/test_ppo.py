@@ -98,9 +98,8 @@ def one_rollout(model_dir, tmp_path, jsonl, *overrides):
     """(roles, experience) of one rollout from an SFT adapter start (non-zero LoRA weights)."""
     from chatforge.data.prompts import build_prompt_examples
     from chatforge.rl import experience as xp
-    from chatforge.rl.rewards import RuleRewards
-    from chatforge.rl.roles import build_roles
-    from chatforge.train.grpo import Scorer
+    from chatforge.rl.build import build_roles
+    from chatforge.rl.rewards import RuleRewards, Scorer
 
     sft = make_adapter(model_dir, tmp_path / "sft")
     roles = build_roles(roles_config(sft, *overrides), CPU)
@@ -461,9 +460,8 @@ def test_rloo_rule_reward_rises_without_a_critic(tiny_model_dir, jsonl, reward_f
 def rloo_experience(tiny_model_dir, tmp_path, jsonl, advantage, forward_batch):
     from chatforge.data.prompts import build_prompt_examples
     from chatforge.rl import experience as xp
-    from chatforge.rl.rewards import RuleRewards
-    from chatforge.rl.roles import build_roles
-    from chatforge.train.grpo import Scorer
+    from chatforge.rl.build import build_roles
+    from chatforge.rl.rewards import RuleRewards, Scorer
 
     sft = make_adapter(tiny_model_dir, tmp_path / "sft")
     roles = build_roles(roles_config(sft, f"ppo.advantage={advantage}"), CPU)
