@@ -17,11 +17,13 @@ Learning batches hold a prompt once with its answers after it (`data.share_promp
 the answers apart); `generate.seed_per_row` gives each answer its own random draws, so a run
 samples the same answers whatever its generation batch size or number of processes.
 
-The shared `Trainer` does the optimizer, accumulation (micro-batches of `train.batch_size`
-completions), logging and checkpoints; `train.max_steps` counts GRPO steps and `train.save_every`
-checkpoints every N of them; a run stopped between steps (Ctrl-C, a reward function that raises)
-also checkpoints its finished steps, so `train.resume=true` loses nothing. Logged per step: reward mean/std and per function, KL, clip fraction,
-response length, generation tokens/s and the generate/score/learn time split. Sample completions
+The rollout is `chatforge.rl.experience.group_rollout`; the outer loop, shared with PPO, is
+`chatforge.train.rl_loop`: `train.max_steps` counts GRPO steps and `train.save_every` checkpoints
+every N of them; a run stopped between steps (Ctrl-C, a reward function that raises) also
+checkpoints its finished steps, so `train.resume=true` loses nothing. The shared `Trainer` does the
+optimizer and accumulation (micro-batches of `train.batch_size` completions). Logged per step:
+reward mean/std and per function, KL, clip fraction, response length, generation tokens/s and the
+generate/score/learn time split. Sample completions
 go to OUTPUT/samples.jsonl every `grpo.samples_every` steps.
 """
 

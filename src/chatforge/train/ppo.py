@@ -13,7 +13,9 @@ KL coefficient is fixed or adaptive (`ppo.kl_target`).
 
     step:  prompts -> generate -> score -> experience -> [minibatch updates] x ppo_epochs
 
-Where the roles live is `chatforge.rl.roles` (printed at start-up): with LoRA one frozen base and
+The outer loop (prompts per process, logging, samples, checkpoints, resume) is the one GRPO shares,
+`chatforge.train.rl_loop`; this file holds PPO's step. Where the roles live is `chatforge.rl.roles`
+(loaded by `chatforge.rl.build`, printed at start-up): with LoRA one frozen base and
 actor/critic/reference/reward adapters. The shared `Trainer` does the optimizer (the critic may
 have its own `ppo.critic_lr`), accumulation, logging and checkpoints; `train.max_steps` counts PPO
 steps; a run stopped between steps (Ctrl-C, a reward function that raises) also checkpoints its
