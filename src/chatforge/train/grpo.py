@@ -213,7 +213,7 @@ def run(cfg: Config) -> str:
         raise ConfigError("data.train is empty: give at least one prompt file")
     if g.prompts_per_step < 1 or g.epochs_per_step < 1:
         raise ConfigError("grpo.prompts_per_step and grpo.epochs_per_step must be at least 1")
-    out, items = load_prompts(cfg, "grpo")
+    items = load_prompts(cfg, "grpo")
     device = pick_device(cfg.train.device)
     scorer = build_scorer(cfg, items, device)
     policy, tok = build_policy(cfg, dropout=0.0)

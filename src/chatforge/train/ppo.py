@@ -211,7 +211,7 @@ def run(cfg: Config) -> str:
 
     check(cfg)
     p, gen_cfg = cfg.ppo, cfg.generate
-    out, items = load_prompts(cfg, "ppo")
+    items = load_prompts(cfg, "ppo")
     world = world_size()  # under DDP each process samples its own rollout
     if p.rollout_batch_size * world > len(items):
         raise ConfigError(

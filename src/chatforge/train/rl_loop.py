@@ -59,21 +59,21 @@ def total_steps(tcfg, n_prompts: int, prompts_per_step: int, world: int = 1) -> 
     return max(1, math.ceil(tcfg.epochs * (n_prompts // (prompts_per_step * world))))
 
 
-def load_prompts(cfg, stage: str) -> tuple[Path, list]:
-    """(output dir, prompts) of an RL stage: the run started (seeded), prompts tokenised and checked
-    before any model loads, so a bad record fails in seconds."""
+def load_prompts(cfg, stage: str) -> list:
+    """The prompts of an RL stage, tokenised and checked once the run is started (seeded, output dir
+    checked) and before any model loads, so a bad record fails in seconds."""
     from chatforge.data.prompts import build_prompt_examples, prompt_budget
     from chatforge.models.load import load_tokenizer
     from chatforge.train.common import log, start_run
 
-    out = start_run(cfg, stage)
+    start_run(cfg, stage)
     items, report = build_prompt_examples(
         cfg.data.train,
         load_tokenizer(cfg.model.path, cfg.model.trust_remote_code),
         prompt_budget(cfg.data.max_length, cfg.generate.max_new_tokens),
     )
     log(f"prompts: {report.summary()}")
-    return out, items
+    return items
 
 
 def step_prompts(items, step: int, per: int, answers: int, rank: int, world: int, seed: int, per_row: bool):
