@@ -113,7 +113,7 @@ from chatforge.data.templates import stop_token_ids
 from chatforge.models.load import resolve_model_path
 from chatforge.rl import experience as xp
 from chatforge.rl.generate import left_pad
-from chatforge.rl.roles import build_roles
+from chatforge.rl.build import build_roles
 cfg = load_config(None, [COMMON "ppo.reward_functions=[non_empty]"])
 roles = build_roles(cfg)
 tok = roles.tokenizer

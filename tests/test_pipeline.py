@@ -128,6 +128,7 @@ def test_an_interrupted_stage_resumes_and_a_finished_one_feeds_a_new_stage(
         (["pipeline.stages=[sft, rl]"], "unknown stage 'rl'"),
         (["pipeline.stages=[sft, ppo, rm]"], "rm must come before ppo"),
         (["pipeline.stages=[sft]", "pipeline.overrides={sft: {train.lrr: 1}}"], "train.lrr"),
+        (["pipeline.stages=[sft]", "pipeline.sft_same_time=true"], "sft_same_time needs an sft stage with"),
     ],
 )
 def test_bad_pipeline_configs_fail_before_any_work(tmp_path, overrides, message):
@@ -158,3 +159,30 @@ def test_task_demos_choose_worked_steps_or_bare_answers(tiny_model_dir, tmp_path
     assert [a.rsplit(" ", 1)[1].rstrip(".") for a in worked] == bare
     with pytest.raises(ConfigError, match="task_demos"):
         pipeline_config(tiny_model_dir, tmp_path / "x", "pipeline.task_demos=cot")
+
+
+def test_sft_same_time_trains_sft_on_for_the_later_stages_time(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = pipeline_config(
+        tiny_model_dir,
+        run,
+        "pipeline.stages=[sft, rm, ppo]",
+        "pipeline.sft_same_time=true",
+        "generate.max_new_tokens=4",
+        "ppo.rollout_batch_size=4",
+        "ppo.mini_batch_size=4",
+        "ppo.ppo_epochs=1",
+    )
+    md = Path(pipeline.run(cfg)).read_text()
+    done = {s: json.loads((run / s / "done").read_text()) for s in ("sft", "rm", "ppo", "sft_same_time")}
+    same = done["sft_same_time"]
+    assert same["target_s"] == pytest.approx(done["rm"]["wall_s"] + done["ppo"]["wall_s"], abs=0.2)
+    want = pipeline.continuation_steps(same["target_s"], done["sft"]["wall_s"], 2)
+    assert same["steps"] == want and steps(run / "sft_same_time")[-1] == want
+    # it starts from the SFT model, with SFT's own data, and is evaluated like the other stages
+    scfg = load_config(run / "sft_same_time" / "config.yaml")
+    assert scfg.model.path == str(run / "sft" / "merged") and scfg.train.max_steps == want
+    assert scfg.data.train == load_config(run / "sft" / "config.yaml").data.train
+    result = json.loads((run / "eval" / "sft_same_time.json").read_text())
+    assert result["exact"]["n"] == 6 and len(result["reward"]["scores"]) == 6
+    assert "| SFT only, same total training time |" in md and "change is against ppo" in md

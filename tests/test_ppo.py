@@ -98,9 +98,8 @@ def one_rollout(model_dir, tmp_path, jsonl, *overrides):
     """(roles, experience) of one rollout from an SFT adapter start (non-zero LoRA weights)."""
     from chatforge.data.prompts import build_prompt_examples
     from chatforge.rl import experience as xp
-    from chatforge.rl.rewards import RuleRewards
-    from chatforge.rl.roles import build_roles
-    from chatforge.train.grpo import Scorer
+    from chatforge.rl.build import build_roles
+    from chatforge.rl.rewards import RuleRewards, Scorer
 
     sft = make_adapter(model_dir, tmp_path / "sft")
     roles = build_roles(roles_config(sft, *overrides), CPU)
@@ -461,9 +460,8 @@ def test_rloo_rule_reward_rises_without_a_critic(tiny_model_dir, jsonl, reward_f
 def rloo_experience(tiny_model_dir, tmp_path, jsonl, advantage, forward_batch):
     from chatforge.data.prompts import build_prompt_examples
     from chatforge.rl import experience as xp
-    from chatforge.rl.rewards import RuleRewards
-    from chatforge.rl.roles import build_roles
-    from chatforge.train.grpo import Scorer
+    from chatforge.rl.build import build_roles
+    from chatforge.rl.rewards import RuleRewards, Scorer
 
     sft = make_adapter(tiny_model_dir, tmp_path / "sft")
     roles = build_roles(roles_config(sft, f"ppo.advantage={advantage}"), CPU)
@@ -477,7 +475,7 @@ def rloo_experience(tiny_model_dir, tmp_path, jsonl, advantage, forward_batch):
     return roles, exp
 
 
-@pytest.mark.parametrize("advantage", ["rloo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("advantage", ["rloo", "reinforce_pp_baseline", "group_norm", "reinforce_pp"])
 def test_group_experience_is_invariant_to_the_forward_micro_batch(tiny_model_dir, tmp_path, jsonl, advantage):
     _, one = rloo_experience(tiny_model_dir, tmp_path / "a", jsonl, advantage, 1)
     roles, six = rloo_experience(tiny_model_dir, tmp_path / "b", jsonl, advantage, 6)
@@ -583,12 +581,14 @@ def test_resume_after_a_crash_is_exact_without_a_critic(
     assert samples(b) == samples(tmp_path / "a")
 
 
+@pytest.mark.parametrize("advantage", ["reinforce_pp_baseline", "rloo"])
 def test_two_processes_estimate_like_one_with_the_same_global_batch(
-    tiny_model_dir, jsonl, reward_file, tmp_path
+    tiny_model_dir, jsonl, reward_file, tmp_path, advantage
 ):
-    """torchrun, 2 CPU processes x 4 prompts x 2 answers against 1 x 8 x 2, REINFORCE++ with the group
-    baseline: its whitening is over the global batch, so losses and metrics match (seed_per_row
-    gives each answer its own random draws, whatever the process)."""
+    """torchrun, 2 CPU processes x 4 prompts x 2 answers against 1 x 8 x 2: REINFORCE++ with the group
+    baseline whitens over the global batch, RLOO's baseline is within a prompt's answers (on one
+    process), so losses and metrics match (seed_per_row gives each answer its own random draws,
+    whatever the process)."""
     data = jsonl(PROMPTS * 2, "prompts.jsonl")
 
     def args(out, processes):
@@ -608,7 +608,7 @@ def test_two_processes_estimate_like_one_with_the_same_global_batch(
             "data.max_length=96",
             "generate.max_new_tokens=8",
             "generate.seed_per_row=true",
-            "ppo.advantage=reinforce_pp_baseline",
+            f"ppo.advantage={advantage}",
             "ppo.samples_per_prompt=2",
             "ppo.ppo_epochs=1",
             "ppo.samples_every=0",

@@ -85,3 +85,25 @@ def test_report_tables_plots_samples_and_self_contained_html(tmp_path):
     # exact config at the end; the HTML embeds every plot and links nothing
     assert "lr: 0.001" in md and "lr: 0.001" in page
     assert page.count('src="data:image/png;base64,') == 4 and 'src="plots' not in page
+
+
+def test_sft_same_time_row_is_compared_with_the_rl_model(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "data").mkdir()
+    (run / "data" / "eval.jsonl").write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
+    cfg = {"pipeline": {"stages": ["sft", "rm", "ppo"], "sft_same_time": True, "samples": 2}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _eval(run, "sft", ["1", "2", "5", "7"], 0.5)
+    _eval(run, "ppo", ["1", "2", "3", "7"], 1.0)
+    _eval(run, "sft_same_time", ["1", "9", "5", "7"], 0.2)  # 1/4, below ppo's 3/4
+    _metrics(run / "sft_same_time" / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in (1, 2, 3)])
+    done = {"final": "x", "wall_s": 118.0, "target_s": 120.0, "steps": 3, "after": ["rm", "ppo"]}
+    (run / "sft_same_time" / "done").write_text(json.dumps(done))
+    md = write_report(run).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| SFT only, same total training time |"))
+    # compared with the row above it, ppo: 3/4 -> 1/4, two items lost, paired s.e. 1/sqrt(6)
+    assert "| 1/4 |" in row and f"-0.500 ({-0.5 / (math.sqrt(1 / 3) / 2):+.1f} paired s.e." in row
+    assert "3 more steps (118 s) in place of rm, ppo (120 s)" in md and "change is against ppo" in md
+    assert "| sft_same_time | done | 3 | 118 |" in md  # its steps and time in the stage table
+    assert "Sample answers: sft vs ppo" in md  # the samples still show the pipeline's own stages

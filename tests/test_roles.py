@@ -6,7 +6,7 @@ import torch
 
 from chatforge.config import load_config
 from chatforge.errors import ConfigError
-from chatforge.rl.roles import build_roles
+from chatforge.rl.build import build_roles
 
 CPU = torch.device("cpu")
 

@@ -277,6 +277,11 @@ class PipelineConfig:
     eval_batch_size: int = opt(16, "prompts per generation batch in evaluation")
     eval_limit: int = opt(0, "evaluate only the first N eval items; 0 = all")
     samples: int = opt(6, "before/after sample answers shown in the report")
+    sft_same_time: bool = opt(
+        False,
+        "also train the SFT model on with SFT for the wall time the stages after SFT took, and report "
+        "it as 'SFT only, same total training time' (did RL earn its cost?)",
+    )
 
 
 @dataclass

@@ -18,6 +18,12 @@ A stage is finished when `RUN/<stage>/done` exists (written after its `final/`):
 A stage folder without `done` was interrupted: the stage runs again with `train.resume=true` and
 continues from its newest checkpoint. Per-stage overrides (`pipeline.overrides: {ppo: {train.lr:
 1e-5}}`) apply on top of the shared sections.
+
+`pipeline.sft_same_time: true` adds the baseline RL has to beat: after the last stage, the SFT model
+trains on with SFT (its own settings and `pipeline.overrides.sft`, a fresh adapter and schedule) for
+as many steps as fit in the wall time the stages after SFT took, at the SFT stage's pace (wall s per
+step); it lands in `RUN/sft_same_time/` and is evaluated as `eval/sft_same_time.json`, the last row
+of the report ("SFT only, same total training time"), compared there with the model before it.
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ def check(cfg: Config) -> None:
             if str(key).startswith("pipeline."):
                 raise ConfigError(f"pipeline.overrides.{stage}: {key} cannot be set per stage")
     build_config({**to_flat(cfg), **{k: v for b in p.overrides.values() for k, v in b.items()}})
+    if p.sft_same_time and ("sft" not in p.stages or p.stages[-1] == "sft"):
+        raise ConfigError(
+            "pipeline.sft_same_time needs an sft stage with stages after it, e.g. [sft, rm, ppo]"
+        )
     if "ppo" in p.stages:  # an estimator that cannot run fails now, not after SFT and the reward model
         from chatforge.train.ppo import check_estimator
 
@@ -101,10 +111,21 @@ def write_data(cfg: Config, run: Path) -> dict[str, Path]:
 
 
 # ---- stages --------------------------------------------------------------------------------------
-def stage_config(cfg: Config, stage: str, run: Path, model: str, data: dict, rm: str | None) -> Config:
-    """The config one stage runs with: shared sections, what earlier stages produced, overrides."""
+def stage_config(
+    cfg: Config,
+    stage: str,
+    run: Path,
+    model: str,
+    data: dict,
+    rm: str | None,
+    folder: str = "",
+    extra: dict | None = None,
+) -> Config:
+    """The config one stage runs with: shared sections, what earlier stages produced, overrides
+    (then `extra`); it writes to RUN/<folder> (default RUN/<stage>)."""
     values = to_flat(cfg)
-    values["train.output_dir"] = str(run / stage)
+    stage_dir = run / (folder or stage)
+    values["train.output_dir"] = str(stage_dir)
     values["model.path"] = model
     kind = STAGES[stage][1]
     if data and kind:
@@ -113,7 +134,7 @@ def stage_config(cfg: Config, stage: str, run: Path, model: str, data: dict, rm:
     if stage == "ppo" and rm:
         values["ppo.reward_model"] = rm
     values.update(cfg.pipeline.overrides.get(stage, {}))
-    stage_dir = run / stage
+    values.update(extra or {})
     # A folder without `done` is an interrupted stage: continue from its newest checkpoint.
     values["train.resume"] = stage_dir.is_dir() or bool(values.get("train.resume"))
     if stage_dir.is_dir() and not any((stage_dir / "checkpoints").glob("step-*")):
@@ -183,6 +204,47 @@ def policy_dir(stage_dir: Path, final: str, needed: bool) -> str:
         merge_adapter(final, tmp)
         tmp.rename(merged)
     return str(merged)
+
+
+SAME_TIME = "sft_same_time"
+
+
+def continuation_steps(extra_s: float, sft_wall_s: float, sft_steps: int) -> int:
+    """SFT steps that fit in `extra_s` seconds at the SFT stage's pace (its wall time per step).
+
+    >>> continuation_steps(300.0, 100.0, 20)
+    60
+    """
+    return max(1, round(extra_s * max(sft_steps, 1) / max(sft_wall_s, 1e-9)))
+
+
+def run_sft_same_time(cfg: Config, run: Path, data: dict) -> dict:
+    """`pipeline.sft_same_time`: the SFT model trained on with SFT for the wall time of the stages
+    after SFT; returns its stats (those of `run_stage` + the time it was given and its steps)."""
+    from chatforge.report import read_metrics
+
+    p = cfg.pipeline
+    done = run / SAME_TIME / "done"
+    if done.is_file():
+        return json.loads(done.read_text())
+    sft = json.loads((run / "sft" / "done").read_text())
+    later = p.stages[p.stages.index("sft") + 1 :]
+    extra_s = sum(json.loads((run / s / "done").read_text())["wall_s"] for s in later)
+    sft_steps = max((r.get("step", 0) for r in read_metrics(run / "sft" / "metrics.jsonl")), default=0)
+    steps = continuation_steps(extra_s, sft["wall_s"], sft_steps)
+    start = sft.get("model", sft["final"])
+    log(
+        f"{SAME_TIME}: SFT on from {start} for {steps} steps, the {extra_s:.0f} s that "
+        f"{', '.join(later)} took at SFT's {sft['wall_s'] / max(sft_steps, 1):.2f} s per step"
+    )
+    scfg = stage_config(
+        cfg, "sft", run, start, data, None, folder=SAME_TIME, extra={"train.max_steps": steps}
+    )
+    stats = run_stage("sft", scfg)
+    stats.update(target_s=round(extra_s, 1), steps=steps, start=start, after=later)
+    done.write_text(json.dumps(stats, indent=1))
+    log(f"{SAME_TIME}: done in {stats['wall_s']:.0f} s (target {extra_s:.0f} s)")
+    return stats
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
@@ -297,6 +359,11 @@ def run(cfg: Config) -> str:
         if rm:
             score_with_rm(run_dir, rm, eval_data, pairs, p.eval_batch_size)
         write_report(run_dir)
+    if p.sft_same_time:
+        stats = run_sft_same_time(cfg, run_dir, data)
+        evaluate_policy(cfg, run_dir, SAME_TIME, stats["final"], eval_data)
+        if rm:
+            score_with_rm(run_dir, rm, eval_data, pairs, p.eval_batch_size)
     report = write_report(run_dir)
     log(f"report: {report} (and {report.with_suffix('.html')})")
     return str(report)

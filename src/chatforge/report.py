@@ -28,7 +28,10 @@ CURVES = [
     ("KL", lambda k: "kl" in k.lower() and "coef" not in k),
     ("accuracy", lambda k: "acc" in k),
 ]
-LABEL_ORDER = ["base", "pretrain", "sft", "dpo", "ppo", "grpo"]
+# sft_same_time (pipeline.sft_same_time) comes last: it is compared with the model above it
+SAME_TIME = "sft_same_time"
+LABEL_ORDER = ["base", "pretrain", "sft", "dpo", "ppo", "grpo", SAME_TIME]
+NAMES = {SAME_TIME: "SFT only, same total training time"}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -182,6 +185,20 @@ def _rm_on_flips(before: dict, after: dict) -> str:
     return f"{right}/{len(flips)}" if flips else "-"
 
 
+def _same_time_note(run: Path, labels: list[str]) -> str:
+    """What the 'SFT only, same total training time' row is, and what it is compared with."""
+    done = _read_json(run / SAME_TIME / "done") or {}
+    steps = max((r.get("step", 0) for r in read_metrics(run / SAME_TIME / "metrics.jsonl")), default=0)
+    before = labels[labels.index(SAME_TIME) - 1] if labels.index(SAME_TIME) else "-"
+    after = ", ".join(done.get("after") or []) or "the stages after SFT"
+    return (
+        f"'{NAMES[SAME_TIME]}': the SFT model trained on with SFT for {steps} more steps "
+        f"({_fmt(done.get('wall_s'), 0)} s) in place of {after} ({_fmt(done.get('target_s'), 0)} s); its "
+        f"change is against {before}, so a negative change there means {before} beat SFT given the same "
+        "time (pipeline.sft_same_time)."
+    )
+
+
 def _fmt(v, digits: int = 3) -> str:
     if v is None:
         return "-"
@@ -218,7 +235,7 @@ def build(run: Path) -> list[tuple]:
             reward = (e.get("reward") or {}).get("mean")
             rows.append(
                 [
-                    label,
+                    NAMES.get(label, label),
                     f"{x['accuracy']:.3f} ± {x['stderr']:.3f}",
                     f"{x['correct']}/{x['n']}",
                     gap,
@@ -256,6 +273,8 @@ def build(run: Path) -> list[tuple]:
                 "scores the right answer higher.",
             )
         )
+        if SAME_TIME in evals:
+            blocks.append(("p", _same_time_note(run, list(evals))))
         tasks = sorted({t for e in evals.values() for t in e["exact"].get("per_task", {})})
         if len(tasks) > 1:
             rows = [
@@ -321,7 +340,8 @@ def build(run: Path) -> list[tuple]:
 
     samples = int((cfg.get("pipeline") or {}).get("samples", 6))
     if len(evals) > 1 and samples:
-        first, last = list(evals)[0], list(evals)[-1]
+        shown = [k for k in evals if k != SAME_TIME]
+        first, last = shown[0], shown[-1]
         a, b = evals[first], evals[last]
         items = _eval_items(a.get("data"))
         # Prefer items whose correctness changed, then the rest, in file order.

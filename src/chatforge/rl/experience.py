@@ -13,6 +13,9 @@
                 (rloo, group_norm, reinforce_pp, reinforce_pp_baseline) over the
                 `ppo.samples_per_prompt` answers sampled per prompt.
 
+GRPO's rollout (`group_rollout`) is the short form: sample, score, and group advantages per answer
+(reward minus its prompt's mean, over the group std), no per-token experience.
+
 Reward-model scores are normalised with the statistics the reward stage saved (`ModelReward`).
 Shapes are documented on `chatforge.rl.types.Rollout` and `Experience`.
 """
@@ -20,6 +23,7 @@ Shapes are documented on `chatforge.rl.types.Rollout` and `Experience`.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -48,6 +52,48 @@ def sample(roles, prompts, gen_cfg, batch_size: int | None = None, row_seeds: li
         )
 
 
+def group_rollout(
+    lm,
+    tokenizer,
+    group,
+    scorer,
+    gen_cfg,
+    group_size: int,
+    scale_rewards: bool = True,
+    batch_size: int | None = None,
+    row_seeds: list[int] | None = None,
+):
+    """GRPO's rollout: one answer per entry of `group` (the prompts, each repeated `group_size` times,
+    adjacent) sampled from `lm`, scored, and turned into group advantages.
+
+    Returns (Generated, rewards (B,), per-function reward means, advantages (B,), timings).
+    """
+    from chatforge.models.adapters import merge_for_generation, sampling_model
+    from chatforge.rl.advantages import group_advantages
+    from chatforge.rl.generate import generate
+
+    t0 = time.perf_counter()
+    merge = merge_for_generation(gen_cfg.merge_lora, next(lm.parameters()).device)
+    with sampling_model(lm, merge) as sampler:
+        gen = generate(
+            sampler,
+            tokenizer,
+            [p.ids for p in group],
+            gen_cfg.max_new_tokens,
+            gen_cfg.temperature,
+            gen_cfg.top_p,
+            gen_cfg.top_k,
+            batch_size=batch_size or None,
+            row_seeds=row_seeds,
+        )
+    t1 = time.perf_counter()
+    rewards, parts = scorer(group, gen.texts)
+    rewards_t = torch.tensor(rewards, dtype=torch.float32)
+    adv = group_advantages(rewards_t, group_size, scale=scale_rewards)
+    times = {"time/generate": round(t1 - t0, 3), "time/score": round(time.perf_counter() - t1, 3)}
+    return gen, rewards_t, parts, adv, times
+
+
 def shape_scores(
     raw: torch.Tensor, stopped: torch.Tensor, score_clip: float = 0.0, missing_eos_penalty: float = 0.0
 ) -> torch.Tensor:
@@ -63,7 +109,7 @@ def shape_scores(
 
 
 def score(roles, scorer, prompts, gen, score_clip: float = 0.0, missing_eos_penalty: float = 0.0):
-    """(Rollout, per-function reward means) for generated responses; `scorer` as in train.grpo."""
+    """(Rollout, per-function reward means) for generated responses (`scorer`: `rl.rewards.Scorer`)."""
     with roles.use("reward"):
         raw, parts = scorer(prompts, gen.texts)
     raw_t = torch.tensor(raw, dtype=torch.float32)

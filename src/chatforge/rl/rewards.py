@@ -22,7 +22,8 @@ built-ins go by name:
 `RuleRewards(["exact_match", "my.py:polite"], [1.0, 0.5])` sums the weighted functions; a function
 that raises or returns the wrong thing stops the run with a `ChatforgeError` naming it.
 `ModelReward` scores token sequences with a reward model's score head (`chatforge rm` output),
-normalised with the statistics the reward stage saved.
+normalised with the statistics the reward stage saved. `Scorer` combines both into one total per
+completion (what PPO and GRPO call).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError, ConfigError
@@ -322,3 +324,26 @@ def _first(meta: dict, keys: tuple[str, ...], default):
         if isinstance(meta.get(k), (int, float)):
             return meta[k]
     return default
+
+
+@dataclass
+class Scorer:
+    """Rule rewards and/or a reward model -> one total per completion and the parts for logging."""
+
+    rules: RuleRewards | None
+    model: ModelReward | None
+    model_weight: float = 1.0
+
+    def __call__(self, prompts, responses) -> tuple[list[float], dict[str, float]]:
+        """prompts: the PromptItem of each completion; responses: decoded texts."""
+        total = [0.0] * len(responses)
+        means = {}
+        if self.rules is not None:
+            total, parts = self.rules([p.text for p in prompts], responses, [p.answer for p in prompts])
+            for name, values in zip(self.rules.names, parts.values()):
+                means[f"reward/{name}"] = sum(values) / len(values)
+        if self.model is not None:
+            scores = self.model.score_texts([p.messages for p in prompts], responses)
+            means["reward/model"] = sum(scores) / len(scores)
+            total = [t + self.model_weight * s for t, s in zip(total, scores)]
+        return total, means

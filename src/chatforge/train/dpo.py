@@ -55,9 +55,11 @@ class AdapterOffReference:
     def __call__(self, model, batch):
         import torch
 
-        inner = _unwrap(model)
-        with torch.no_grad(), inner.lm.disable_adapter():
-            return sequence_logps(inner, batch)[0]
+        from chatforge.rl.reference import reference_context
+
+        ctx, ref = reference_context(_unwrap(model))
+        with torch.no_grad(), ctx:
+            return sequence_logps(ref, batch)[0]
 
 
 class FrozenReference:
@@ -66,15 +68,18 @@ class FrozenReference:
     name = "frozen copy"
 
     def __init__(self, model):
-        import copy
+        from chatforge.rl.reference import copy_frozen
 
-        self.model = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+        self.model = copy_frozen(_unwrap(model))
 
     def __call__(self, model, batch):
         import torch
 
-        with torch.no_grad():
-            return sequence_logps(self.model, batch)[0]
+        from chatforge.rl.reference import reference_context
+
+        ctx, ref = reference_context(_unwrap(model), self.model)
+        with torch.no_grad(), ctx:
+            return sequence_logps(ref, batch)[0]
 
 
 class SelfReference:

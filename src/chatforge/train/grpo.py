@@ -17,11 +17,13 @@ Learning batches hold a prompt once with its answers after it (`data.share_promp
 the answers apart); `generate.seed_per_row` gives each answer its own random draws, so a run
 samples the same answers whatever its generation batch size or number of processes.
 
-The shared `Trainer` does the optimizer, accumulation (micro-batches of `train.batch_size`
-completions), logging and checkpoints; `train.max_steps` counts GRPO steps and `train.save_every`
-checkpoints every N of them; a run stopped between steps (Ctrl-C, a reward function that raises)
-also checkpoints its finished steps, so `train.resume=true` loses nothing. Logged per step: reward mean/std and per function, KL, clip fraction,
-response length, generation tokens/s and the generate/score/learn time split. Sample completions
+The rollout is `chatforge.rl.experience.group_rollout`; the outer loop, shared with PPO, is
+`chatforge.train.rl_loop`: `train.max_steps` counts GRPO steps and `train.save_every` checkpoints
+every N of them; a run stopped between steps (Ctrl-C, a reward function that raises) also
+checkpoints its finished steps, so `train.resume=true` loses nothing. The shared `Trainer` does the
+optimizer and accumulation (micro-batches of `train.batch_size` completions). Logged per step:
+reward mean/std and per function, KL, clip fraction, response length, generation tokens/s and the
+generate/score/learn time split. Sample completions
 go to OUTPUT/samples.jsonl every `grpo.samples_every` steps.
 """
 
@@ -29,37 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from chatforge.config import Config
-
-
-@dataclass
-class Scorer:
-    """Rule rewards and/or a reward model -> one total per completion and the parts for logging."""
-
-    rules: object | None  # RuleRewards
-    model: object | None  # ModelReward
-    model_weight: float = 1.0
-
-    def __call__(self, prompts, responses) -> tuple[list[float], dict[str, float]]:
-        """prompts: the PromptItem of each completion; responses: decoded texts."""
-        total = [0.0] * len(responses)
-        means = {}
-        if self.rules is not None:
-            total, parts = self.rules([p.text for p in prompts], responses, [p.answer for p in prompts])
-            for name, values in zip(self.rules.names, parts.values()):
-                means[f"reward/{name}"] = sum(values) / len(values)
-        if self.model is not None:
-            scores = self.model.score_texts([p.messages for p in prompts], responses)
-            means["reward/model"] = sum(scores) / len(scores)
-            total = [t + self.model_weight * s for t, s in zip(total, scores)]
-        return total, means
+from chatforge.rl.reference import reference_context
 
 
 def grpo_loss(model, batch, normalizer, clip_eps: float, beta: float, reduction: str = "token"):
@@ -107,13 +84,6 @@ def grpo_units(batch, reduction: str = "token", length: int = 0) -> int:
     from chatforge.losses.reduce import count_units
 
     return count_units(batch["response_mask"], reduction, length)
-
-
-def reference_context(policy, ref):
-    """`(context manager, model)` that gives reference log-probs: adapter off, or the frozen copy."""
-    if ref is not None:
-        return contextlib.nullcontext(), ref
-    return policy.lm.disable_adapter(), policy
 
 
 def sequence_logprobs(model, micro_batches, ctx=None) -> list:
@@ -198,17 +168,11 @@ def micro_batches(
     return out
 
 
-def total_steps(cfg: Config, n_prompts: int, world: int = 1) -> int:
-    """GRPO steps: train.max_steps, else train.epochs passes over the prompts."""
-    if cfg.train.max_steps:
-        return cfg.train.max_steps
-    return max(1, math.ceil(cfg.train.epochs * (n_prompts // (cfg.grpo.prompts_per_step * world))))
-
-
-def build_scorer(cfg: Config, items, device) -> Scorer:
+def build_scorer(cfg: Config, items, device):
+    """`rl.rewards.Scorer` of grpo.reward_functions and/or grpo.reward_model (weighted)."""
     from chatforge.data.prompts import require_answers
     from chatforge.errors import ConfigError
-    from chatforge.rl.rewards import ModelReward, RuleRewards
+    from chatforge.rl.rewards import ModelReward, RuleRewards, Scorer
 
     g = cfg.grpo
     if not g.reward_functions and not g.reward_model:
@@ -224,43 +188,32 @@ def build_scorer(cfg: Config, items, device) -> Scorer:
 
 def load_reference(cfg: Config, device):
     """The frozen reference for full fine-tuning (None with adapters: switching them off is the reference)."""
-    from chatforge.models.heads import disable_dropout
-    from chatforge.models.load import load_model, resolve_dtype
-    from chatforge.models.logprobs import LogprobModel
+    from chatforge.models.load import resolve_dtype
+    from chatforge.rl.reference import load_frozen
 
     if cfg.grpo.beta == 0 or cfg.peft.method != "none":
         return None
-    dtype = resolve_dtype(cfg.model.dtype, device, full_finetune=False)
-    lm = load_model(
-        cfg.model.path, dtype=dtype, device=device, attn_implementation=cfg.model.attn_implementation
+    return load_frozen(
+        cfg.model.path, resolve_dtype(cfg.model.dtype, device, full_finetune=False), device, cfg.model
     )
-    lm.eval().requires_grad_(False)
-    disable_dropout(lm)
-    return LogprobModel(lm)
 
 
 def run(cfg: Config) -> str:
-    from chatforge.data.prompts import build_prompt_examples, prompt_budget, prompts_for_step
     from chatforge.errors import ConfigError
     from chatforge.models.heads import disable_dropout
-    from chatforge.models.load import load_tokenizer, pick_device
-    from chatforge.train.checkpoint import rng_state, set_rng_state, truncate_log
-    from chatforge.train.common import build_policy, log, save_lm, share_prompt, start_run
+    from chatforge.models.load import pick_device
+    from chatforge.rl.experience import group_rollout
+    from chatforge.rl.reference import describe
+    from chatforge.train.common import build_policy, log, save_lm, share_prompt
     from chatforge.train.loop import Trainer
+    from chatforge.train.rl_loop import RLStage, load_prompts, run_loop, total_steps, world_size
 
     g, gen_cfg = cfg.grpo, cfg.generate
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one prompt file")
     if g.prompts_per_step < 1 or g.epochs_per_step < 1:
         raise ConfigError("grpo.prompts_per_step and grpo.epochs_per_step must be at least 1")
-    out = start_run(cfg, "grpo")
-    # prompts and rewards are checked before any model loads: a bad record fails in seconds
-    items, report = build_prompt_examples(
-        cfg.data.train,
-        load_tokenizer(cfg.model.path, cfg.model.trust_remote_code),
-        prompt_budget(cfg.data.max_length, gen_cfg.max_new_tokens),
-    )
-    log(f"prompts: {report.summary()}")
+    items = load_prompts(cfg, "grpo")
     device = pick_device(cfg.train.device)
     scorer = build_scorer(cfg, items, device)
     policy, tok = build_policy(cfg, dropout=0.0)
@@ -270,119 +223,41 @@ def run(cfg: Config) -> str:
     for m in (policy, ref):
         if m is not None:
             m.temperature = gen_cfg.temperature
-    log(
-        "reference: "
-        + ("none (grpo.beta=0)" if g.beta == 0 else "frozen copy" if ref is not None else "adapter disabled")
-    )
+    log("reference: " + ("none (grpo.beta=0)" if g.beta == 0 else describe(ref)))
     branched = share_prompt(cfg, policy.lm, "learning batches")
-    steps = total_steps(cfg, len(items), int(os.environ.get("WORLD_SIZE", "1")))
+    steps = total_steps(cfg.train, len(items), g.prompts_per_step, world_size())
     trainer = Trainer(policy, cfg.train, steps * g.epochs_per_step)
-    start = 0
-    if cfg.train.resume and (state := trainer.resume()) is not None:
-        start = state["grpo_step"]
-        truncate_log(out / "samples.jsonl", trainer.step)
-        log(f"resumed from GRPO step {start}")
     model = trainer.acc.unwrap_model(trainer.model)
-    bar = trainer.progress(initial=start * g.epochs_per_step, desc="grpo")
-    done, rng = start, rng_state()
-    try:
-        for step in range(start, steps):
-            # under DDP each process takes its own prompts_per_step prompts of the step's global batch
-            rank, per = trainer.acc.process_index, g.prompts_per_step
-            batch = prompts_for_step(items, step, per * trainer.world, cfg.train.seed)[
-                rank * per : (rank + 1) * per
-            ]
-            group = [p for p in batch for _ in range(g.num_generations)]  # a prompt's answers adjacent
-            seeds = None
-            if gen_cfg.seed_per_row:  # by place in the step's global batch
-                first = rank * len(group)
-                seeds = [
-                    (cfg.train.seed * 1_000_003 + step) * 1_000_033 + first + i for i in range(len(group))
-                ]
-            gen, rewards_t, parts, adv, times = rollout(model.lm, tok, group, scorer, cfg, seeds)
-            t2 = time.perf_counter()
-            learned, first_ratio = learn(trainer, model, ref, gen, adv, cfg, bar, branched)
-            times["time/learn"] = round(time.perf_counter() - t2, 3)
-            lengths = gen.response_mask.sum(1).float()
-            metrics = {
-                **learned,
-                "grpo_step": step + 1,
-                "first_ratio": first_ratio,
-                **reward_stats(trainer, rewards_t),
-                **parts,
-                "response_length": float(lengths.mean()),
-                "stopped_frac": float(gen.stopped.float().mean()),
-                "gen_tokens_per_s": round(gen.tokens_per_s, 1),
-                **times,
-            }
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
-                trainer.log(metrics)
-            if g.samples_every and (step + 1) % g.samples_every == 0 and trainer.is_main:
-                write_samples(
-                    out / "samples.jsonl",
-                    trainer.step,
-                    group,
-                    gen.texts,
-                    rewards_t.tolist(),
-                    g.num_generations,
-                )
-            if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == steps:
-                trainer.save_checkpoint({"grpo_step": step + 1})
-            rng = rng_state()  # the state a checkpoint of this step would hold
-            done = step + 1
-    except BaseException:
-        # Ctrl-C or an error (a reward function that raises) between steps: keep the finished steps,
-        # unless the next one had already started learning (then resume from the last checkpoint)
-        if done > start and trainer.step == done * g.epochs_per_step and not _saved(trainer):
-            set_rng_state(rng)
-            trainer.save_checkpoint({"grpo_step": done, "interrupted": True})
-            log(f"stopped; saved a checkpoint at GRPO step {done} (train.resume=true continues)")
-        raise
-    finally:
-        trainer.close()
+
+    def step(rl_step, group, seeds, bar):  # rollout -> score -> group advantages -> learn
+        gen, rewards_t, parts, adv, times = group_rollout(
+            model.lm, tok, group, scorer, gen_cfg, g.num_generations, g.scale_rewards,
+            g.generation_batch_size, seeds,
+        )  # fmt: skip
+        t2 = time.perf_counter()
+        learned, first_ratio = learn(trainer, model, ref, gen, adv, cfg, bar, branched)
+        times["time/learn"] = round(time.perf_counter() - t2, 3)
+        metrics = {
+            **learned,
+            "grpo_step": rl_step + 1,
+            "first_ratio": first_ratio,
+            **reward_stats(trainer, rewards_t),
+            **parts,
+            "response_length": float(gen.response_mask.sum(1).float().mean()),
+            "stopped_frac": float(gen.stopped.float().mean()),
+            "gen_tokens_per_s": round(gen.tokens_per_s, 1),
+            **times,
+        }
+        rewards = rewards_t.tolist()
+        return metrics, partial(
+            write_samples, prompts=group, texts=gen.texts, rewards=rewards, group_size=g.num_generations
+        )
+
+    stage = RLStage("grpo", g.prompts_per_step, g.num_generations, g.epochs_per_step, g.samples_every, step)
+    run_loop(trainer, stage, items, steps, cfg.train, gen_cfg.seed_per_row)
     final = save_lm(trainer, trainer.model, tok)
     log(f"done: {final}")
     return str(final)
-
-
-def _saved(trainer) -> bool:
-    """Whether the newest checkpoint is of the trainer's current step."""
-    ckpts = trainer.checkpoints()
-    return bool(ckpts) and ckpts[-1].name == f"step-{trainer.step}"
-
-
-def rollout(lm, tok, group, scorer: Scorer, cfg: Config, row_seeds: list[int] | None = None):
-    """Sample one answer per entry of `group` (the prompts, each repeated num_generations times), score them.
-
-    Returns (Generated, rewards (B,), per-function reward means, group advantages (B,), timings).
-    """
-    import torch
-
-    from chatforge.models.adapters import merge_for_generation, sampling_model
-    from chatforge.rl.advantages import group_advantages
-    from chatforge.rl.generate import generate
-
-    g, gc = cfg.grpo, cfg.generate
-    t0 = time.perf_counter()
-    merge = merge_for_generation(gc.merge_lora, next(lm.parameters()).device)
-    with sampling_model(lm, merge) as sampler:
-        gen = generate(
-            sampler,
-            tok,
-            [p.ids for p in group],
-            gc.max_new_tokens,
-            gc.temperature,
-            gc.top_p,
-            gc.top_k,
-            batch_size=g.generation_batch_size or None,
-            row_seeds=row_seeds,
-        )
-    t1 = time.perf_counter()
-    rewards, parts = scorer(group, gen.texts)
-    rewards_t = torch.tensor(rewards, dtype=torch.float32)
-    adv = group_advantages(rewards_t, g.num_generations, scale=g.scale_rewards)
-    times = {"time/generate": round(t1 - t0, 3), "time/score": round(time.perf_counter() - t1, 3)}
-    return gen, rewards_t, parts, adv, times
 
 
 def learn(trainer, model, ref, gen, adv, cfg: Config, bar, branched: bool = False) -> tuple[dict, float]:

@@ -13,7 +13,9 @@ KL coefficient is fixed or adaptive (`ppo.kl_target`).
 
     step:  prompts -> generate -> score -> experience -> [minibatch updates] x ppo_epochs
 
-Where the roles live is `chatforge.rl.roles` (printed at start-up): with LoRA one frozen base and
+The outer loop (prompts per process, logging, samples, checkpoints, resume) is the one GRPO shares,
+`chatforge.train.rl_loop`; this file holds PPO's step. Where the roles live is `chatforge.rl.roles`
+(loaded by `chatforge.rl.build`, printed at start-up): with LoRA one frozen base and
 actor/critic/reference/reward adapters. The shared `Trainer` does the optimizer (the critic may
 have its own `ppo.critic_lr`), accumulation, logging and checkpoints; `train.max_steps` counts PPO
 steps; a run stopped between steps (Ctrl-C, a reward function that raises) also checkpoints its
@@ -27,8 +29,6 @@ final/critic/), metrics.jsonl, samples.jsonl every `ppo.samples_every` steps.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -195,39 +195,25 @@ def param_groups(model, critic_lr: float) -> list[dict] | None:
     ]
 
 
-def total_steps(cfg: Config, n_prompts: int, world: int = 1) -> int:
-    if cfg.train.max_steps:
-        return cfg.train.max_steps
-    return max(1, math.ceil(cfg.train.epochs * (n_prompts // (cfg.ppo.rollout_batch_size * world))))
-
-
 def run(cfg: Config) -> str:
-    from chatforge.data.prompts import build_prompt_examples, prompt_budget, prompts_for_step, require_answers
-    from chatforge.models.load import load_tokenizer, pick_device
+    from chatforge.data.prompts import require_answers
+    from chatforge.errors import ConfigError
+    from chatforge.losses.policy import explained_variance
+    from chatforge.models.load import pick_device
     from chatforge.rl import experience as xp
     from chatforge.rl.advantages import ESTIMATORS
+    from chatforge.rl.build import build_roles
     from chatforge.rl.kl_control import kl_controller
-    from chatforge.rl.rewards import RuleRewards
-    from chatforge.rl.roles import build_roles
-    from chatforge.train.checkpoint import rng_state, set_rng_state, truncate_log
-    from chatforge.train.common import log, start_run
-    from chatforge.train.grpo import Scorer
+    from chatforge.rl.rewards import RuleRewards, Scorer
+    from chatforge.train.common import log
     from chatforge.train.loop import Trainer
+    from chatforge.train.rl_loop import RLStage, load_prompts, run_loop, total_steps, world_size
 
     check(cfg)
     p, gen_cfg = cfg.ppo, cfg.generate
-    out = start_run(cfg, "ppo")
-    # prompts and rewards are checked before any model loads: a bad record fails in seconds
-    items, report = build_prompt_examples(
-        cfg.data.train,
-        load_tokenizer(cfg.model.path, cfg.model.trust_remote_code),
-        prompt_budget(cfg.data.max_length, gen_cfg.max_new_tokens),
-    )
-    log(f"prompts: {report.summary()}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # under DDP each process samples its own rollout
+    items = load_prompts(cfg, "ppo")
+    world = world_size()  # under DDP each process samples its own rollout
     if p.rollout_batch_size * world > len(items):
-        from chatforge.errors import ConfigError
-
         raise ConfigError(
             f"ppo.rollout_batch_size ({p.rollout_batch_size}) x {world} processes exceeds the {len(items)} "
             "prompts: add prompts or lower it"
@@ -249,18 +235,11 @@ def run(cfg: Config) -> str:
     scorer = Scorer(rules, roles.reward)
     log(roles.describe())
     ptx = _ptx_items(cfg, roles.tokenizer) if p.ptx_coef > 0 else []
-    steps = total_steps(cfg, len(items), world)
-    answers = p.samples_per_prompt
-    per_rollout = p.ppo_epochs * (p.rollout_batch_size * answers // p.mini_batch_size)
+    steps = total_steps(cfg.train, len(items), p.rollout_batch_size, world)
+    per_rollout = p.ppo_epochs * (p.rollout_batch_size * p.samples_per_prompt // p.mini_batch_size)
     model = roles.model()
     trainer = Trainer(model, cfg.train, steps * per_rollout, param_groups(model, p.critic_lr), device)
     kl_ctl = kl_controller(p.kl_coef, p.kl_target, p.kl_horizon)
-    start = 0
-    if cfg.train.resume and (state := trainer.resume()) is not None:
-        start = state["ppo_step"]
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        truncate_log(out / "samples.jsonl", trainer.step)
-        log(f"resumed from PPO step {start}")
     reduction = cfg.train.loss_reduction
     # a critic of its own (adapter or model) learns in a backward pass after the actor's; DDP
     # wants one backward per forward, so several processes keep the joint loss
@@ -280,101 +259,70 @@ def run(cfg: Config) -> str:
             return t
         return trainer.acc.reduce(t.to(trainer.acc.device), "sum").to(t.device)
 
-    bs = cfg.train.batch_size
-    bar = trainer.progress(initial=start * per_rollout, desc="ppo")
-    done, rng, kl_state = start, rng_state(), kl_ctl.state_dict()
-    try:
-        for step in range(start, steps):
-            # under DDP each process takes its own slice of the step's global batch of prompts
-            rank, rb = trainer.acc.process_index, p.rollout_batch_size
-            chosen = prompts_for_step(items, step, rb * world, cfg.train.seed)[rank * rb : (rank + 1) * rb]
-            prompts = [q for q in chosen for _ in range(answers)]  # the answers to one prompt adjacent
-            seeds = None
-            if gen_cfg.seed_per_row:  # by place in the step's global batch, as in GRPO
-                first = rank * len(prompts)
-                seeds = [
-                    (cfg.train.seed * 1_000_003 + step) * 1_000_033 + first + i for i in range(len(prompts))
+    def learn(step, exp, bar) -> dict:
+        """ppo.ppo_epochs passes over the rollout in shuffled minibatches; the mean of their metrics."""
+        bs, rank, sums, n_updates = cfg.train.batch_size, trainer.acc.process_index, {}, 0
+        for epoch in range(p.ppo_epochs):
+            order = minibatch_order(len(exp), cfg.train.seed, step, epoch)
+            for lo in range(0, len(exp), p.mini_batch_size):
+                rows = order[lo : lo + p.mini_batch_size]
+                micro = [
+                    exp.batch(rows[i : i + bs], trainer.acc.device, cfg.data.pad_to_multiple_of)
+                    for i in range(0, len(rows), bs)
                 ]
-            t0 = time.perf_counter()
-            gen = xp.sample(roles, prompts, gen_cfg, p.generation_batch_size, seeds)
-            t1 = time.perf_counter()
-            rollout, parts = xp.score(roles, scorer, prompts, gen, p.score_clip, p.missing_eos_penalty)
-            t2 = time.perf_counter()
-            exp, stats = xp.make_experience(
-                roles,
-                rollout,
-                kl_ctl.value,
-                p.kl_estimator,
-                p.gamma,
-                p.lam,
-                p.whiten_advantages,
-                p.forward_batch_size,
-                trainer.acc.device,
-                trainer.acc.autocast,
-                cfg.data.pad_to_multiple_of,
-                p.advantage,
-                answers,
-                all_sum,
-            )
-            t3 = time.perf_counter()
-            sums: dict[str, float] = {}
-            n_updates = 0
-            for epoch in range(p.ppo_epochs):
-                order = minibatch_order(len(exp), cfg.train.seed, step, epoch)
-                for lo in range(0, len(exp), p.mini_batch_size):
-                    rows = order[lo : lo + p.mini_batch_size]
-                    micro = [
-                        exp.batch(rows[i : i + bs], trainer.acc.device, cfg.data.pad_to_multiple_of)
-                        for i in range(0, len(rows), bs)
-                    ]
-                    if ptx:  # first: DDP syncs on the last micro-batch, which must run the critic too
-                        sft = _ptx_batch(ptx, trainer.step, bs, p.ptx_coef, roles.tokenizer, cfg, rank, world)
-                        micro.insert(0, trainer._to_device(sft))
-                    learned = trainer.train_step(micro, loss_fn, units_fn)
-                    for k, v in learned.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_updates += 1
-                    bar.update(1)
-            t4 = time.perf_counter()
-            from chatforge.losses.policy import explained_variance
+                if ptx:  # first: DDP syncs on the last micro-batch, which must run the critic too
+                    sft = _ptx_batch(ptx, trainer.step, bs, p.ptx_coef, roles.tokenizer, cfg, rank, world)
+                    micro.insert(0, trainer._to_device(sft))
+                for k, v in trainer.train_step(micro, loss_fn, units_fn).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_updates += 1
+                bar.update(1)
+        return {k: v / n_updates for k, v in sums.items()}
 
-            metrics = {k: v / n_updates for k, v in sums.items()}
-            # rollout statistics are means over equal-sized rollouts: average them over processes
-            metrics.update({k: trainer.global_sum(v) / world for k, v in {**stats, **parts}.items()})
-            if has_critic:
-                ev = explained_variance(exp.old_values, exp.returns, exp.response_mask)
-                metrics["explained_variance"] = trainer.global_sum(ev) / world
-            metrics.update(
-                {
-                    "ppo_step": step + 1,
-                    "kl_coef": kl_ctl.value,
-                    "gen_tokens_per_s": round(rollout.tokens_per_s, 1),
-                    "time/generate": round(t1 - t0, 3),
-                    "time/score": round(t2 - t1, 3),
-                    "time/experience": round(t3 - t2, 3),
-                    "time/learn": round(t4 - t3, 3),
-                }
-            )
-            kl_ctl.update(metrics["kl"], len(exp) * world)  # the same on every process
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
-                trainer.log(metrics)
-            if p.samples_every and (step + 1) % p.samples_every == 0 and trainer.is_main:
-                write_samples(out / "samples.jsonl", trainer.step, prompts, rollout)
-            if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == steps:
-                trainer.save_checkpoint({"ppo_step": step + 1, "kl_ctl": kl_ctl.state_dict()})
-            done, rng, kl_state = step + 1, rng_state(), kl_ctl.state_dict()
-    except BaseException:
-        # Ctrl-C or an error (a reward function that raises) between steps: keep the finished steps,
-        # unless the next one had already started learning (then resume from the last checkpoint)
-        ckpts = trainer.checkpoints()
-        saved = bool(ckpts) and ckpts[-1].name == f"step-{trainer.step}"
-        if done > start and trainer.step == done * per_rollout and not saved:
-            set_rng_state(rng)
-            trainer.save_checkpoint({"ppo_step": done, "kl_ctl": kl_state, "interrupted": True})
-            log(f"stopped; saved a checkpoint at PPO step {done} (train.resume=true continues)")
-        raise
-    finally:
-        trainer.close()
+    def step(rl_step, prompts, seeds, bar):  # rollout -> score -> experience -> learn
+        t0 = time.perf_counter()
+        gen = xp.sample(roles, prompts, gen_cfg, p.generation_batch_size, seeds)
+        t1 = time.perf_counter()
+        rollout, parts = xp.score(roles, scorer, prompts, gen, p.score_clip, p.missing_eos_penalty)
+        t2 = time.perf_counter()
+        exp, stats = xp.make_experience(
+            roles, rollout, kl_ctl.value, p.kl_estimator, p.gamma, p.lam, p.whiten_advantages,
+            p.forward_batch_size, trainer.acc.device, trainer.acc.autocast, cfg.data.pad_to_multiple_of,
+            p.advantage, p.samples_per_prompt, all_sum,
+        )  # fmt: skip
+        t3 = time.perf_counter()
+        metrics = learn(rl_step, exp, bar)
+        t4 = time.perf_counter()
+        # rollout statistics are means over equal-sized rollouts: average them over processes
+        metrics.update({k: trainer.global_sum(v) / world for k, v in {**stats, **parts}.items()})
+        if has_critic:
+            ev = explained_variance(exp.old_values, exp.returns, exp.response_mask)
+            metrics["explained_variance"] = trainer.global_sum(ev) / world
+        metrics.update(
+            {
+                "ppo_step": rl_step + 1,
+                "kl_coef": kl_ctl.value,
+                "gen_tokens_per_s": round(rollout.tokens_per_s, 1),
+                "time/generate": round(t1 - t0, 3),
+                "time/score": round(t2 - t1, 3),
+                "time/experience": round(t3 - t2, 3),
+                "time/learn": round(t4 - t3, 3),
+            }
+        )
+        kl_ctl.update(metrics["kl"], len(exp) * world)  # the same on every process
+        return metrics, partial(write_samples, prompts=prompts, rollout=rollout)
+
+    stage = RLStage(
+        "ppo",
+        p.rollout_batch_size,
+        p.samples_per_prompt,
+        per_rollout,
+        p.samples_every,
+        step,
+        state=lambda: {"kl_ctl": kl_ctl.state_dict()},
+        load_state=lambda state: kl_ctl.load_state_dict(state["kl_ctl"]),
+    )
+    run_loop(trainer, stage, items, steps, cfg.train, gen_cfg.seed_per_row)
     final = trainer.save_final(partial(save_actor, roles, critic=has_critic))
     log(f"done: {final}")
     return str(final)
