@@ -129,6 +129,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     llama = save_tiny(tmp_path / "llama", "llama")
     gpt2 = save_tiny(tmp_path / "gpt2", "gpt2")
     out = tmp_path / "out" / "x.gguf"
+    capsys.readouterr()  # the progress bars of saving the tiny models
     assert "no such model dir" in one_line_error(["export-gguf", str(tmp_path / "nope"), str(out)], capsys)
     assert "q4_k" in one_line_error(["export-gguf", llama, str(out), "--type", "q4_k"], capsys)
     assert "'gpt2' is not supported" in one_line_error(["export-gguf", gpt2, str(out)], capsys)
