@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import torch
-from test_export_gguf import GREEDY_JS
 from transformers import AutoModelForCausalLM
 
 from chatforge.data.tasks import make_task_data
 from chatforge.export.gguf import export_gguf
 from chatforge.models.load import load_tokenizer, resolve_model_path
+from test_export_gguf import GREEDY_JS
 
 N = 32
 
@@ -49,8 +49,12 @@ def main(out: Path, node_dir: Path) -> None:
     for kind in ("f16", "q8_0"):
         same = 0
         for ids, w in zip(prompts, want):
-            req = json.dumps({"model": str(out / kind / f"smollm2-{kind}.gguf"), "ids": ids, "n": N, "text": ""})
-            done = subprocess.run(["node", "greedy.mjs"], cwd=node_dir, input=req, capture_output=True, text=True)
+            req = json.dumps(
+                {"model": str(out / kind / f"smollm2-{kind}.gguf"), "ids": ids, "n": N, "text": ""}
+            )
+            done = subprocess.run(
+                ["node", "greedy.mjs"], cwd=node_dir, input=req, capture_output=True, text=True
+            )
             same += cut(json.loads(done.stdout)["tokens"]) == w
         res[kind]["identical_greedy"] = f"{same}/{len(want)}"
     print(json.dumps(res))

@@ -8,7 +8,7 @@ LLaMA family (llama: LLaMA 2/3 shapes, SmolLM, SmolLM2) and Qwen2 (Qwen2, Qwen2.
 byte-level BPE tokenizer (see chatforge.export.vocab).
 
 Written with the `gguf` package's GGUFWriter rather than by llama.cpp's convert_hf_to_gguf.py:
-that script is not on PyPI by itself (only inside the 50 MB llama-cpp-python sdist), must match
+that script is not on PyPI by itself (only inside the llama-cpp-python sdist), must match
 the gguf package's version, and identifies a BPE tokenizer by hashing how it encodes a probe text,
 so a fine-tuned or custom tokenizer it has never seen is refused. Here the pre-tokenizer is read
 from tokenizer.json. The layout follows the converter: LLaMA's q/k rows are permuted into
