@@ -62,6 +62,10 @@ TOOLS = {
         "write a reward model as a transformers AutoModelForSequenceClassification dir: export-rm RM_DIR OUT_DIR",
         "chatforge.tools:export_rm_main",
     ),
+    "export-gguf": (
+        "a model as one GGUF file for llama.cpp, with an Ollama Modelfile: export-gguf MODEL OUT.gguf [--type q8_0]",
+        "chatforge.export.gguf:main",
+    ),
     "eval": ("accuracy, reward and perplexity of a model", "chatforge.evaluate:main"),
     "chat": ("chat with a model in the terminal", "chatforge.serve.chat:main"),
     "serve": ("OpenAI-compatible HTTP server", "chatforge.serve.server:main"),
