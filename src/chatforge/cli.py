@@ -18,32 +18,32 @@ STAGES = {
     "sft": (
         "supervised fine-tuning on chat or prompt/completion data",
         "chatforge.train.sft:run",
-        ("model", "data", "peft", "train"),
+        ("model", "data", "peft", "train", "dist"),
     ),
     "pretrain": (
         "train a small model from scratch on raw text (Chinchilla token budget)",
         "chatforge.train.pretrain:run",
-        ("model", "data", "pretrain", "train"),
+        ("model", "data", "pretrain", "train", "dist"),
     ),
     "rm": (
         "train a reward model on preference pairs",
         "chatforge.train.reward:run",
-        ("model", "data", "peft", "train", "rm"),
+        ("model", "data", "peft", "train", "rm", "dist"),
     ),
     "dpo": (
         "direct preference optimisation (DPO, IPO, hinge, SimPO) on preference pairs",
         "chatforge.train.dpo:run",
-        ("model", "data", "peft", "train", "dpo"),
+        ("model", "data", "peft", "train", "dpo", "dist"),
     ),
     "ppo": (
         "RLHF with PPO: actor, critic, reference and reward",
         "chatforge.train.ppo:run",
-        ("model", "data", "peft", "train", "generate", "ppo"),
+        ("model", "data", "peft", "train", "generate", "ppo", "dist"),
     ),
     "grpo": (
         "GRPO with rule-based and/or model rewards",
         "chatforge.train.grpo:run",
-        ("model", "data", "peft", "train", "generate", "grpo"),
+        ("model", "data", "peft", "train", "generate", "grpo", "dist"),
     ),
     "pipeline": (
         "run several stages from one config (e.g. sft -> rm -> ppo)",

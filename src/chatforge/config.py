@@ -285,6 +285,25 @@ class PipelineConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = opt(
+        "auto",
+        "how several processes share the model: ddp (each holds it all), fsdp2 (torch fully_shard: "
+        "parameters, gradients and optimizer state sharded), zero2/zero3 (DeepSpeed); auto = ddp when "
+        "several processes, nothing when one",
+        ("auto", "ddp", "fsdp2", "zero2", "zero3"),
+    )
+    offload: str = opt(
+        "none",
+        "keep optimizer states (optimizer) or parameters too (all) in CPU memory between uses",
+        ("none", "optimizer", "all"),
+    )
+    reshard_after_forward: bool = opt(
+        True, "fsdp2: free each layer's gathered parameters after its forward (less memory, one more gather)"
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -297,6 +316,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # Value checks that types alone cannot express: (key, predicate, what it must be).

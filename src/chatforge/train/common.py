@@ -52,7 +52,9 @@ def start_run(cfg: Config, stage: str) -> Path:
     written yet: the stage's `Trainer` writes the config once the model and data are loaded and
     checked, so a run that fails before that leaves the dir (and an earlier run's files) as it was."""
     from chatforge import allocator
+    from chatforge.train.dist import check_supported
 
+    check_supported(stage, cfg.dist.strategy, cfg.dist.offload)
     seed_everything(cfg.train.seed)
     log(allocator.describe())
     out = Path(cfg.train.output_dir)

@@ -218,7 +218,7 @@ def run(cfg: Config) -> str:
         reference = AdapterOffReference() if adapters else FrozenReference(model)
         log(f"reference: {reference.name}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world))
+    trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world), dist=cfg.dist)
     if cfg.dpo.precompute_ref and cfg.dpo.loss_type not in REFERENCE_FREE:
         pre = AdapterOffReference() if adapters else SelfReference()
         log(f"reference: log-probs precomputed once ({pre.name}) over {len(items) + len(eval_items)} pairs")

@@ -33,6 +33,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.train import checkpoint as ck
+from chatforge.train import dist as sharding
 
 LossFn = Callable[[Any, dict, float | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -86,6 +87,7 @@ class Trainer:
         total_steps: int,
         param_groups: list[dict] | None = None,
         device=None,
+        dist=None,
     ):
         from accelerate import Accelerator, InitProcessGroupKwargs
 
@@ -114,6 +116,10 @@ class Trainer:
             mixed_precision="no" if mp == "none" else mp, cpu=device.type == "cpu", kwargs_handlers=handlers
         )
         torch.manual_seed(tcfg.seed)
+        strategy = sharding.resolve(dist.strategy if dist else "auto", self.acc.num_processes)
+        self.sharded = strategy == "fsdp2"
+        if self.sharded:  # before the optimizer exists: it must hold the sharded parameters
+            model = sharding.shard(model.to(self.acc.device), dist.reshard_after_forward)
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         if not any(g["params"] for g in groups):
             raise ChatforgeError("nothing to train: the model has no trainable parameters")
@@ -124,7 +130,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(tcfg.scheduler, warmup, total_steps)
         )
-        self.model, self.optimizer = self.acc.prepare(model, opt)
+        if self.sharded:  # accelerate would wrap the sharded model in DDP on CPU
+            self.model, self.optimizer = model, self.acc.prepare(opt)
+        else:
+            self.model, self.optimizer = self.acc.prepare(model, opt)
+        self._reported_bytes = False
         self.step = 0
         self._start_step = 0  # metrics logged after this by an earlier run in the same dir are stale
         self._metrics_open = False
@@ -207,7 +217,9 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + float(v) * units[i]
             self._tokens += batch_tokens(batch)
         grad_norm = None
-        if self.cfg.max_grad_norm > 0:
+        if self.cfg.max_grad_norm > 0 and self.sharded:
+            grad_norm = sharding.clip_grad_norm(self.model.parameters(), self.cfg.max_grad_norm)
+        elif self.cfg.max_grad_norm > 0:
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         loss_sum = self.global_sum(loss_total)
         self._stop_if_diverged(loss_sum, grad_norm)
@@ -215,6 +227,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if not self._reported_bytes:
+            self._report_bytes()
         out = {"loss": loss_sum / self.world}
         for k, v in sums.items():
             out[k] = self.global_sum(v) / max(total, 1.0)
@@ -223,11 +237,23 @@ class Trainer:
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
 
+    def _report_bytes(self) -> None:
+        """Every rank, after the first step: the parameter and optimizer-state bytes it holds."""
+        params, state = sharding.local_bytes(self.acc.unwrap_model(self.model), self.optimizer)
+        print(
+            f"chatforge: rank {self.acc.process_index}/{self.world} holds {params} parameter bytes "
+            f"and {state} optimizer-state bytes",
+            flush=True,
+        )
+        self._reported_bytes = True
+
     def _stop_if_diverged(self, loss_sum: float, grad_norm) -> None:
         """A non-finite loss or gradient norm ends the run before the optimizer step (one line)."""
         if grad_norm is None:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            if sharding.is_sharded(grad_norm):
+                grad_norm = grad_norm.full_tensor()
         norm = float(grad_norm)
         if math.isfinite(loss_sum) and math.isfinite(norm):
             return
@@ -242,7 +268,13 @@ class Trainer:
 
     def _check_weights_finite(self, where: str) -> None:
         model = self.acc.unwrap_model(self.model)
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        bad = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and not torch.isfinite(sharding.local(p)).all()
+        ]
+        if self.sharded and self.global_sum(len(bad)) and not bad:  # each rank checks its shards
+            bad = ["a shard on another rank"]
         if bad:
             raise ChatforgeError(
                 f"{where}: not written, {len(bad)} trained tensors hold NaN or inf (first: {bad[0]})"
@@ -331,20 +363,29 @@ class Trainer:
         tmp = self.ckpt_root / f".tmp-step-{self.step}"
         self._check_weights_finite(str(final))
         self.acc.wait_for_everyone()
-        if self.is_main:
-            with ck.writing(tmp, "the checkpoint"):
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-                save_file(
-                    trainable_state(self.acc.unwrap_model(self.model)), str(tmp / "trainable.safetensors")
-                )
-                ck.save_plain(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                ck.save_plain(self.scheduler.state_dict(), tmp / "scheduler.pt")
-                state = {"step": self.step, "world": self.world, **(extra or {}), "identity": self.identity}
-                (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        model = self.acc.unwrap_model(self.model)
+        with self._whole(model):
+            if self.is_main:
+                with ck.writing(tmp, "the checkpoint"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+                    if not self.sharded:
+                        ck.save_plain(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                    ck.save_plain(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                    state = {
+                        "step": self.step,
+                        "world": self.world,
+                        **(extra or {}),
+                        "identity": self.identity,
+                    }
+                    (tmp / "state.json").write_text(json.dumps(state, indent=1))
         self.acc.wait_for_everyone()
+        rank = self.acc.process_index
         with ck.writing(tmp, "the checkpoint"):
-            ck.save_plain(ck.rng_state(), tmp / f"rng-{self.acc.process_index}.pt")
+            ck.save_plain(ck.rng_state(), tmp / f"rng-{rank}.pt")
+            if self.sharded:  # each rank's optimizer shard
+                ck.save_plain(sharding.local_optimizer_state(self.optimizer), tmp / f"optimizer-{rank}.pt")
         self.acc.wait_for_everyone()
         if self.is_main:
             shutil.rmtree(final, ignore_errors=True)
@@ -352,6 +393,10 @@ class Trainer:
             ck.prune(self.ckpt_root, self.cfg.keep_last)
         self.acc.wait_for_everyone()
         return final
+
+    def _whole(self, model):
+        """A block in which a sharded model's parameters are whole (all ranks enter it)."""
+        return sharding.gathered(model) if self.sharded else contextlib.nullcontext(model)
 
     def checkpoints(self) -> list[Path]:
         return ck.step_dirs(self.ckpt_root)
@@ -375,11 +420,17 @@ class Trainer:
             raise ChatforgeError(
                 f"{path}: checkpoint lacks {len(missing)} trainable tensors (another config?)"
             )
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(ck.load_plain(path / "optimizer.pt"))
+        sharding.load_full(model, weights)
+        if self.sharded:
+            if state.get("world") != self.world:
+                raise ChatforgeError(
+                    f"{path}: an fsdp2 checkpoint of {state.get('world')} processes; resume it with "
+                    f"{state.get('world')} processes (this run has {self.world})"
+                )
+            opt_state = ck.load_plain(path / f"optimizer-{self.acc.process_index}.pt")
+            sharding.load_local_optimizer_state(self.optimizer, opt_state)
+        else:
+            self.optimizer.load_state_dict(ck.load_plain(path / "optimizer.pt"))
         self.scheduler.load_state_dict(ck.load_plain(path / "scheduler.pt"))
         rng = path / f"rng-{self.acc.process_index}.pt"
         if rng.is_file():
@@ -394,12 +445,13 @@ class Trainer:
         final = self.out / "final"
         self._check_weights_finite(str(final))
         self.acc.wait_for_everyone()
-        if self.is_main:
-            tmp = self.out / ".tmp-final"
-            with ck.writing(tmp, "the final model"):
-                shutil.rmtree(tmp, ignore_errors=True)
-                save_fn(tmp)
-            ck.replace_dir(tmp, final)
+        with self._whole(self.acc.unwrap_model(self.model)):
+            if self.is_main:
+                tmp = self.out / ".tmp-final"
+                with ck.writing(tmp, "the final model"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    save_fn(tmp)
+                ck.replace_dir(tmp, final)
         self.acc.wait_for_everyone()
         return final
 

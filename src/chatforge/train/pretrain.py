@@ -105,7 +105,7 @@ def train_on_blocks(cfg: Config, tok, blocks: list[dict], eval_blocks: list[dict
             f"({steps * per_step / max(tokens, 1):.1f} passes over the data)"
         )
         tcfg = dataclasses.replace(tcfg, max_steps=steps)
-    trainer = Trainer(LogprobModel(lm), tcfg, steps_for(len(blocks), tcfg, world))
+    trainer = Trainer(LogprobModel(lm), tcfg, steps_for(len(blocks), tcfg, world), dist=cfg.dist)
     collate = partial(pad_batch, pad_id=tok.pad_token_id)
     last = trainer.fit(blocks, collate, sft_loss, sft_units, eval_items=eval_blocks or None)
     final = trainer.save_final(lambda tmp: save_final(trainer.acc.unwrap_model(trainer.model).lm, tok, tmp))

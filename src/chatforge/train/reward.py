@@ -128,7 +128,7 @@ def run(cfg: Config) -> str:
     model = ScalarHeadModel(lm, name="score")
     collate = pair_collate(cfg, lm, tok.pad_token_id)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world))
+    trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world), dist=cfg.dist)
     stats_on = "eval" if eval_items else "train"
     stats_items = eval_items or items[:STATS_LIMIT]
     score = partial(

@@ -86,7 +86,7 @@ def run(cfg: Config) -> str:
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world))
+    trainer = Trainer(model, cfg.train, steps_for(len(items), cfg.train, world), dist=cfg.dist)
     reduction = cfg.train.loss_reduction
     trainer.fit(
         items,

@@ -1,0 +1,173 @@
+"""`dist.strategy` -> how the Trainer spreads a model over processes: DDP or FSDP2.
+
+    ddp     every process holds the whole model, gradients and optimizer state (accelerate's DDP)
+    fsdp2   torch's `fully_shard` per decoder layer, then the root: parameters, gradients and
+            optimizer state are sharded over the processes (gloo on CPU, NCCL on GPU)
+
+accelerate 1.15 turns an FSDP config into DDP on CPU, so FSDP2 is applied here with torch's own
+`fully_shard`, and the sharded model is not passed to `accelerate.prepare`. What is saved does not
+depend on the strategy: `final/` and `trainable.safetensors` hold the full weights gathered from
+the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard), so a
+sharded checkpoint resumes with the same number of processes.
+
+`check_supported(stage, strategy, world)` refuses an unsupported combination at start-up in one
+line; `local_bytes(model, optimizer)` reads what this rank really holds from the local shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from chatforge.errors import ConfigError
+
+# stages whose loop is the shared Trainer.fit and whose model is only called through forward()
+SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
+
+
+def resolve(strategy: str, world: int) -> str:
+    """`auto` = ddp when several processes, none when one; one process never shards.
+
+    >>> resolve("auto", 1), resolve("auto", 2), resolve("fsdp2", 1), resolve("fsdp2", 2)
+    ('none', 'ddp', 'none', 'fsdp2')
+    """
+    if world == 1:
+        return "none"
+    return "ddp" if strategy == "auto" else strategy
+
+
+def check_supported(stage: str, strategy: str, offload: str) -> None:
+    """One-line refusal of a stage x strategy x offload this version cannot run, saying what can."""
+    if strategy in ("zero2", "zero3"):
+        raise ConfigError(
+            f"dist.strategy={strategy} is not supported yet: use dist.strategy=fsdp2 (parameters, "
+            "gradients and optimizer state sharded) or ddp"
+        )
+    if strategy == "fsdp2" and stage not in SHARDED_STAGES:
+        raise ConfigError(
+            f"dist.strategy=fsdp2 is not supported for the {stage} stage yet (generation runs outside "
+            f"the sharded forward): use dist.strategy=ddp, or fsdp2 with {', '.join(SHARDED_STAGES)}"
+        )
+    if offload != "none":
+        raise ConfigError(
+            f"dist.offload={offload} is not supported yet: use dist.offload=none (fsdp2 already "
+            "shards the optimizer state over the processes)"
+        )
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks to shard one by one: modules whose class transformers names in
+    `_no_split_modules` (LlamaDecoderLayer, ...)."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard(model: torch.nn.Module, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """FSDP2 in place: `fully_shard` each decoder layer, then the root (embeddings, norm, head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    layers = decoder_layers(model)
+    if not layers:
+        raise ConfigError(
+            f"dist.strategy=fsdp2: found no decoder layers in {type(model).__name__} "
+            "(no _no_split_modules): use dist.strategy=ddp"
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (the whole tensor when it is not sharded)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def local_bytes(model: torch.nn.Module, optimizer) -> tuple[int, int]:
+    """(parameter bytes, optimizer-state bytes) held by this process, counted on the local shards."""
+    params = sum(local(p).numel() * p.element_size() for p in model.parameters())
+    state = 0
+    for per_param in optimizer.state.values():
+        for v in per_param.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                state += local(v).numel() * v.element_size()
+    return params, state
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """All ranks: inside the block every sharded parameter is replaced by its full tensor (gathered
+    with `DTensor.full_tensor`), so `save_pretrained`, a finiteness check or a state dict see the
+    whole model; the shards are put back after. Collective; holds one full copy per rank."""
+    slots = [
+        (module, name, p)
+        for module in model.modules()
+        for name, p in module.named_parameters(recurse=False)
+        if is_sharded(p)
+    ]
+    full: dict[int, torch.nn.Parameter] = {}
+    for module, name, p in slots:
+        if id(p) not in full:  # a tied weight is gathered once
+            full[id(p)] = torch.nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+        setattr(module, name, full[id(p)])
+    try:
+        yield model
+    finally:
+        for module, name, p in slots:
+            setattr(module, name, p)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip over the global gradient norm; a norm over sharded gradients is reduced to one number."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+    return norm.full_tensor() if is_sharded(norm) else norm
+
+
+def load_full(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into a (possibly sharded) model's parameters; each rank keeps its shard."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            p = params[name]
+            if is_sharded(p):
+                value = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
+            p.copy_(value)
+
+
+def local_optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict with sharded tensors replaced by this rank's shards."""
+    sd = optimizer.state_dict()
+    sd["state"] = {
+        k: {n: local(v) if torch.is_tensor(v) else v for n, v in s.items()} for k, s in sd["state"].items()
+    }
+    return sd
+
+
+def load_local_optimizer_state(optimizer, sd: dict) -> None:
+    """Inverse of `local_optimizer_state`: this rank's shards become DTensors like their params."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer.load_state_dict(sd)
+    for p, s in optimizer.state.items():
+        if not is_sharded(p):
+            continue
+        for n, v in s.items():
+            if torch.is_tensor(v) and v.dim() > 0 and not is_sharded(v):
+                s[n] = DTensor.from_local(
+                    v.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                )

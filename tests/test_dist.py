@@ -1,0 +1,124 @@
+"""dist.strategy: FSDP2 under torchrun (2 CPU processes, gloo) trains like one process at the same
+global batch, really shards, saves a plain final/ and resumes exactly; unsupported combinations
+are refused in one line."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chatforge.cli import main
+from conftest import metrics_of, tiny_run_args
+
+CHATS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": str(a + b)},
+        ]
+    }
+    for a in range(1, 5)
+    for b in range(1, 5)
+]
+HOLDS = re.compile(r"rank (\d+)/(\d+) holds (\d+) parameter bytes and (\d+) optimizer-state bytes")
+
+
+def launch(stage: str, processes: int, args: list[str]) -> list[tuple[int, int]]:
+    """Run `chatforge STAGE` in 1 process or under torchrun; returns each rank's (parameter,
+    optimizer-state) bytes as the Trainer printed them after its first step."""
+    cmd = [sys.executable]
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*cmd, "-m", "chatforge.cli", stage, *args], capture_output=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    found = sorted(HOLDS.findall(done.stdout.decode()))
+    return [(int(p), int(s)) for _, _, p, s in found]
+
+
+def _args(model_dir, data, out, processes, *extra):
+    return tiny_run_args(
+        model_dir,
+        data,
+        out,
+        f"train.batch_size={4 // processes}",  # the same global batch of 4
+        "train.lr=1e-2",
+        "peft.dropout=0.0",  # each rank draws its own dropout masks
+        "dist.strategy=fsdp2",
+        *extra,
+    )
+
+
+def _logits(model_dir, adapter: bool):
+    from transformers import AutoModelForCausalLM
+
+    if adapter:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        return model.eval()(torch.arange(3, 20)[None]).logits
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_fsdp2_trains_like_one_process_shards_and_saves_plain_final(method, tiny_model_dir, jsonl, tmp_path):
+    data = jsonl(CHATS)
+    extra = ("train.max_steps=3", f"peft.method={method}")
+    one = launch("sft", 1, _args(tiny_model_dir, data, tmp_path / "one", 1, *extra))
+    two = launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "two", 2, *extra))
+    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-4)
+    # the engine's own local shards: each rank holds about half the parameters and Adam state
+    ((params, state),) = one
+    assert len(two) == 2
+    for p, s in two:
+        assert 0.4 * params < p < 0.6 * params
+        assert 0.4 * state < s < 0.6 * state
+    # final/ is a plain transformers / peft dir gathered from the shards
+    got = _logits(tmp_path / "two" / "final", adapter=method == "lora")
+    want = _logits(tmp_path / "one" / "final", adapter=method == "lora")
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, _logits(tiny_model_dir, adapter=False), atol=1e-3)
+
+
+def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, jsonl, tmp_path):
+    data = jsonl(CHATS)
+    extra = ("peft.method=none", "train.max_steps=4", "train.save_every=2", "train.keep_last=5")
+    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "full", 2, *extra))
+    ckpt = tmp_path / "full" / "checkpoints" / "step-2"
+    assert {p.name for p in ckpt.glob("optimizer-*.pt")} == {"optimizer-0.pt", "optimizer-1.pt"}
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-4")
+    shutil.rmtree(tmp_path / "part" / "final")
+    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "part", 2, *extra, "train.resume=true"))
+    want = {m["step"]: m for m in metrics_of(tmp_path / "full")}
+    got = {m["step"]: m for m in metrics_of(tmp_path / "part")}
+    for step in (3, 4):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6), step
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "says"),
+    [
+        ("grpo", ["dist.strategy=fsdp2"], "dist.strategy=fsdp2 is not supported for the grpo stage"),
+        ("sft", ["dist.strategy=zero3"], "dist.strategy=zero3 is not supported yet"),
+        ("sft", ["dist.offload=optimizer"], "dist.offload=optimizer is not supported"),
+    ],
+)
+def test_unsupported_combinations_are_refused_in_one_line(stage, overrides, says, tmp_path, capsys):
+    assert main([stage, f"train.output_dir={tmp_path}", "data.train=[x.jsonl]", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
