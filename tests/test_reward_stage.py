@@ -235,3 +235,35 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, jsonl, tmp_path):
     for x, y in zip(a, b):
         for key in ("loss", "rewards/margin", "rewards/accuracy", "rewards/chosen"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+
+
+def test_rendered_text_scores_the_same_with_the_templates_trailing_newline(trained, tmp_path):
+    """apply_chat_template(..., tokenize=False) ends with a newline after the end-of-turn token;
+    scoring it must read the score at that token, as training does, not one token late."""
+    import torch
+
+    from chatforge.reward import load_reward_model, render_for_scoring, score_rendered, score_texts
+
+    final, _, held = trained
+    model, tok, _ = load_reward_model(final, device="cpu")
+    records = [json.loads(line) for line in held.read_text().splitlines()][:4]
+    chats = [
+        [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]
+        for r in records
+    ]
+    raw = [tok.apply_chat_template(c, tokenize=False) for c in chats]
+    assert all(t.endswith("\n") for t in raw)
+    with_newline = torch.tensor(score_rendered(model, tok, raw))
+    stripped = torch.tensor(score_rendered(model, tok, [render_for_scoring(tok, c) for c in chats]))
+    trained_way = torch.tensor(
+        score_texts(model, tok, [r["prompt"] for r in records], [r["chosen"] for r in records])
+    )
+    torch.testing.assert_close(with_newline, stripped)
+    torch.testing.assert_close(with_newline, trained_way, atol=1e-5, rtol=1e-5)
+    out = tmp_path / "seqcls"
+    assert main(["export-rm", str(final), str(out)]) == 0
+    assert (
+        "strip trailing whitespace"
+        in json.loads((out / "chatforge_reward.json").read_text())["input_rendering"]
+    )
+    assert "strip trailing whitespace" in (out / "README.md").read_text()

@@ -5,6 +5,9 @@
     >>> score_texts(model, tok, ["2+3?", "2+3?"], ["5", "6"])         # doctest: +SKIP
     [1.93, -2.41]
 
+`score_rendered(model, tok, texts)` scores whole chats already rendered as text: trailing
+whitespace is stripped first (`INPUT_RENDERING` says how to render; exports record it).
+
 Scores are the raw head outputs (not normalised); `meta["reward_mean"]` and `meta["reward_std"]`
 are the statistics saved at training time, for callers that normalise. Each pair is tokenised
 exactly as in training (`templates.tokenize_prompt_response`): a prompt is a string (one user turn)
@@ -84,6 +87,39 @@ def score_texts(
     return scores
 
 
+INPUT_RENDERING = (
+    "render the whole chat (user prompt, assistant reply) with tokenizer.apply_chat_template(messages, "
+    "tokenize=False), strip trailing whitespace (the score is read at the last token, which must be "
+    "the reply's end-of-turn token, not the newline the template adds after it), then tokenize "
+    "without adding special tokens"
+)
+
+
+def render_for_scoring(tokenizer, messages: list[dict]) -> str:
+    """A chat as the reward model reads it: the template's text without trailing whitespace
+    (see INPUT_RENDERING)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False).rstrip()
+
+
+def score_rendered(model, tokenizer, texts: Sequence[str], batch_size: int = 8) -> list[float]:
+    """Raw scores of whole chats already rendered as text (e.g. by `apply_chat_template(...,
+    tokenize=False)`). Trailing whitespace is dropped first, so a template's newline after the
+    last end-of-turn token does not move the read one token late."""
+    import torch
+
+    from chatforge.data.collate import pad_batch
+
+    rows = [{"input_ids": tokenizer(t.rstrip(), add_special_tokens=False)["input_ids"]} for t in texts]
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    with torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            batch = pad_batch(rows[s : s + batch_size], pad_id=tokenizer.pad_token_id)
+            out = model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            scores += out.float().cpu().tolist()
+    return scores
+
+
 def spare_pad_token(tokenizer) -> int:
     """A pad id for a sequence-classification export: the tokenizer's own unless it is an end-of-turn
     token (transformers reads the score at the rightmost token that is not the pad, so a pad equal
@@ -153,9 +189,15 @@ def export_sequence_classifier(model_dir: str | Path, out_dir: str | Path, dtype
     out = Path(out_dir)
     seq.save_pretrained(out)
     tok.save_pretrained(out)
-    shifted = {**meta, "score_bias_dropped": bias}
+    shifted = {**meta, "score_bias_dropped": bias, "input_rendering": INPUT_RENDERING}
     for key in ("reward_mean", "chosen_mean", "rejected_mean"):
         if key in meta:
             shifted[key] = meta[key] - bias
     (out / "chatforge_reward.json").write_text(json.dumps(shifted, indent=1))
+    (out / "README.md").write_text(
+        "---\nlibrary_name: transformers\ntags:\n- chatforge\n- reward-model\n---\n\n"
+        "# A chatforge reward model (AutoModelForSequenceClassification, num_labels=1)\n\n"
+        f"Input: {INPUT_RENDERING}. The logit is the raw score; chatforge_reward.json holds the "
+        "training-time reward mean and std for normalising.\n"
+    )
     return out

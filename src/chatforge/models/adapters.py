@@ -120,7 +120,88 @@ def save_final(model, tokenizer, out_dir: str | Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_portable_fields(out)
+    if is_adapter_dir(out):
+        record_portable_base(out)
     return out
+
+
+def hub_id_of(path: str) -> str | None:
+    """The hub id a local model dir stands for: the embedded default's, or that of a hub-cache
+    snapshot (`.../models--ORG--NAME/snapshots/REV`); None for any other dir.
+
+    >>> hub_id_of("/h/hub/models--Qwen--Qwen2-0.5B/snapshots/abc")
+    'Qwen/Qwen2-0.5B'
+    >>> hub_id_of("/runs/sft/merged") is None
+    True
+    """
+    from chatforge.models.load import DEFAULT_HUB_ID, default_model_dir
+
+    p = Path(path)
+    if p.exists() and p.resolve() == default_model_dir().resolve():
+        return DEFAULT_HUB_ID
+    parts = p.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        org, _, name = parts[-3][len("models--") :].partition("--")
+        return f"{org}/{name}" if name else None
+    return None
+
+
+def portable_base(base: str, adapter_dir: Path) -> str:
+    """What an adapter records as its base: the hub id when known, else the base dir relative to
+    the adapter dir (the pair moves together), else (no common folder but the root) absolute.
+
+    >>> portable_base("Qwen/Qwen2-0.5B", Path("/runs/a/final"))
+    'Qwen/Qwen2-0.5B'
+    """
+    if not Path(base).exists():
+        return base  # a hub id (or a path already portable)
+    hub = hub_id_of(base)
+    if hub:
+        return hub
+    import os
+
+    real, here = os.path.realpath(base), os.path.realpath(adapter_dir)
+    try:
+        shared = os.path.commonpath([real, here])
+    except ValueError:  # another drive
+        return real
+    return real if shared == os.path.abspath(os.sep) else os.path.relpath(real, here)
+
+
+def record_portable_base(adapter_dir: Path) -> None:
+    """Rewrite `base_model_name_or_path` in a saved adapter's config with `portable_base`."""
+    import json
+
+    path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    base = cfg.get("base_model_name_or_path")
+    if base:
+        cfg["base_model_name_or_path"] = portable_base(base, adapter_dir)
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model of a saved adapter as `load_model` takes it: a recorded relative path is
+    read from the adapter dir, the embedded default's hub id means `default`; a base that is not
+    there is a one-line error naming the adapter and what to do."""
+    import json
+
+    from chatforge.errors import ConfigError
+    from chatforge.models.load import DEFAULT_HUB_ID, HUB_ID
+
+    config = Path(adapter_dir) / "adapter_config.json"
+    base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+    beside = Path(adapter_dir) / base
+    if base and not Path(base).is_absolute() and (beside / "config.json").is_file():
+        return str(beside)
+    if base == DEFAULT_HUB_ID:
+        return "default"
+    if Path(base).exists() or (HUB_ID.match(base) and not base.startswith(".")):
+        return base
+    raise ConfigError(
+        f"{config}: base model {base!r} (base_model_name_or_path) not found; put the base there or "
+        "set that field to a local model dir or a hub id"
+    )
 
 
 def write_portable_fields(out: Path) -> None:
@@ -149,15 +230,12 @@ def write_portable_fields(out: Path) -> None:
 
 
 def load_adapter_model(adapter_dir: str | Path, dtype=None, device=None, is_trainable: bool = False):
-    """Base model + saved adapter (the base path comes from adapter_config.json)."""
-    import json
-
+    """Base model (`adapter_base`) + saved adapter."""
     from peft import PeftModel
 
     from chatforge.models.load import load_model
 
-    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    base = load_model(cfg["base_model_name_or_path"], dtype=dtype, device=device)
+    base = load_model(adapter_base(adapter_dir), dtype=dtype, device=device)
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
 
 

@@ -18,12 +18,18 @@ from pathlib import Path
 from chatforge.errors import ConfigError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapters of the default record as base
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("CHATFORGE_CACHE") or Path.home() / ".cache" / "chatforge")
+
+
+def default_model_dir() -> Path:
+    """Where the embedded default lives once converted (`model.path: default`)."""
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
 
 
 def default_gguf() -> Path:
@@ -79,7 +85,7 @@ def file_digest(path: Path) -> str:
 def resolve_model_path(path: str) -> str:
     """Turn `model.path` into something `from_pretrained` takes; converts GGUF files once."""
     if path == "default":
-        out = cache_dir() / "models" / DEFAULT_MODEL_NAME
+        out = default_model_dir()
         if not (out / "config.json").is_file():
             print(f"chatforge: converting the embedded {DEFAULT_MODEL_NAME} to {out} (once)", flush=True)
             convert_gguf(default_gguf(), out)
@@ -96,7 +102,7 @@ def resolve_model_path(path: str) -> str:
         if not (p / "config.json").is_file():
             raise ConfigError(f"model.path: {p} has no config.json (not a transformers model dir)")
         return str(p)
-    if _HUB_ID.match(path) and not path.startswith((".", "/")):
+    if HUB_ID.match(path) and not path.startswith((".", "/")):
         return path  # a hub id: transformers resolves it (from its cache when offline)
     raise ConfigError(f"model.path: {path} does not exist")
 
@@ -110,7 +116,7 @@ def loading(path: str, what: str = "model"):
     except ConfigError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        if _HUB_ID.match(path) and not Path(path).exists():
+        if HUB_ID.match(path) and not Path(path).exists():
             raise ConfigError(
                 f"model.path: {path} is not a local folder and could not be loaded as a hub id "
                 "(offline? only models already in the local cache load): give a local model dir"

@@ -33,13 +33,6 @@ def _same_path(a: str, b: str) -> bool:
         return a == b
 
 
-def adapter_base(path: str) -> str:
-    """The base model path recorded in a peft adapter dir."""
-    import json
-
-    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-
-
 def _check_lora(path: str, what: str) -> None:
     import json
 
@@ -89,7 +82,7 @@ def build_roles(cfg, device=None) -> Roles:
 def _lean(cfg, device) -> Roles:
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    from chatforge.models.adapters import is_adapter_dir, lora_config
+    from chatforge.models.adapters import adapter_base, is_adapter_dir, lora_config
     from chatforge.models.heads import ScalarHeadModel, disable_dropout, load_head, normalise_head
     from chatforge.models.load import enable_checkpointing, load_for_training, load_tokenizer
     from chatforge.models.logprobs import LogprobModel

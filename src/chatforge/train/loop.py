@@ -442,6 +442,8 @@ class Trainer:
 
     def save_final(self, save_fn: Callable[[Path], None]) -> Path:
         """Call `save_fn(tmp_dir)` on the main process, then atomically move it to OUTPUT/final."""
+        from chatforge.card import write_card
+
         final = self.out / "final"
         self._check_weights_finite(str(final))
         self.acc.wait_for_everyone()
@@ -451,6 +453,7 @@ class Trainer:
                 with ck.writing(tmp, "the final model"):
                     shutil.rmtree(tmp, ignore_errors=True)
                     save_fn(tmp)
+                    write_card(tmp, self.out)  # in place of peft's empty template
                 ck.replace_dir(tmp, final)
         self.acc.wait_for_everyone()
         return final
