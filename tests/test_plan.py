@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from chatforge.cli import main
+from chatforge.errors import ConfigError
 from chatforge.plan.memory import (
     BYTES_PER_PARAM,
     DEFAULT_MODEL_CONFIG,
@@ -193,8 +195,14 @@ def test_fits_format_and_describe(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(DEFAULT_MODEL_CONFIG))
     assert load_shape(str(tmp_path)) == SMOL
     assert load_shape("tiny", vocab_size=512).n_params == 106_816
-    with pytest.raises(ValueError, match="not a preset"):
+    with pytest.raises(ConfigError, match="not a preset"):
         load_shape(str(tmp_path / "missing"))
+
+
+def test_plan_of_a_hub_id_offline_is_one_line(capsys):
+    assert main(["plan", "SomeOrg/not-downloaded"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hub ids are not fetched" in err and "Traceback" not in err
 
 
 def test_chinchilla_and_compute():

@@ -103,3 +103,20 @@ def test_model_card_names_base_data_stage_and_held_out_result(tmp_path):
     (run / "eval" / "sft.json").write_text(json.dumps({"exact": exact, "responses": ["1"] * 20}))
     write_report(run)
     assert "exact accuracy 0.750 ± 0.100 on 20 items" in (run / "sft" / "final" / "README.md").read_text()
+
+
+def test_no_deprecation_warning_from_peft_on_a_lora_model(tiny_model_dir):
+    # `-W default` shows every warning; chatforge's own narrow filter must hide peft's one
+    import subprocess
+    import sys
+
+    code = (
+        "import chatforge\n"
+        "from peft import LoraConfig, get_peft_model\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})\n"
+        "get_peft_model(m, LoraConfig(r=2, target_modules=['q_proj']))\n"
+    )
+    run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "is_gradient_checkpointing" not in run.stderr

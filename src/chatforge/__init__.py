@@ -6,3 +6,11 @@ Importing this package is cheap: torch and transformers load only where they are
 """
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# peft 0.21 asks transformers 5 for `is_gradient_checkpointing`, a deprecated alias, on every
+# get_peft_model: one FutureWarning per run that the user can do nothing about.
+_warnings.filterwarnings(
+    "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+)

@@ -237,8 +237,11 @@ def load_shape(model: str, vocab_size: int = 49152) -> ModelShape:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(
-            f"{model}: not a preset ({', '.join(PRESETS)}), 'default', a model dir or config.json"
+        from chatforge.errors import ConfigError
+
+        hint = " (hub ids are not fetched: download the model, then pass its dir)" if "/" in model else ""
+        raise ConfigError(
+            f"{model}: not a preset ({', '.join(PRESETS)}), 'default', a model dir or config.json{hint}"
         )
     return ModelShape.from_hf_config(json.loads(path.read_text()))
 
