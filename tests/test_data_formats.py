@@ -40,6 +40,16 @@ def test_sharegpt_conversations():
     assert to_messages(rec, W) == [U, A5]
 
 
+def test_alpaca_records():
+    assert to_messages({"instruction": "2+3?", "output": "5"}, W) == [U, A5]
+    rec = {"instruction": "Add.", "input": "2+3", "output": "5", "system": "Be brief."}
+    assert to_messages(rec, W) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Add.\n\n2+3"},
+        A5,
+    ]
+
+
 def test_content_text_parts_are_joined():
     rec = {"messages": [U, {"role": "assistant", "content": [{"type": "text", "text": "5"}]}]}
     assert to_messages(rec, W)[1] == A5
@@ -76,7 +86,13 @@ def test_content_text_parts_are_joined():
         ({"prompt": "2+3?", "completion": ""}, "completion must be a non-empty string"),
         ({"prompt": "2+3?", "completion": [U]}, "completion has no assistant message"),
         ({"prompt": 3, "completion": "5"}, "prompt must be a string or a list of messages (got int)"),
-        ({"text": "hi"}, "needs a messages field (or prompt and completion); found text"),
+        (
+            {"text": "hi"},
+            "needs a messages field (or prompt and completion, or instruction and output); found text",
+        ),
+        ({"instruction": "2+3?"}, "output is missing"),
+        ({"instruction": "2+3?", "output": ""}, "output must be a non-empty string"),
+        ({"instruction": "Add.", "input": 5, "output": "5"}, "input must be a non-empty string (got int)"),
         ({"conversations": [{"from": "robot", "value": "x"}]}, "conversations[0].from must be one of"),
     ],
 )

@@ -8,6 +8,7 @@ fix their file without reading a traceback.
     {"messages": [{"role", "content"}, ...]}            to_messages      sft
     {"prompt": str|messages, "completion": ...}         to_messages      sft
     {"conversations": [{"from", "value"}, ...]}         to_messages      sft (ShareGPT)
+    {"instruction", "input"?, "output", "system"?}      to_messages      sft (Alpaca)
     {"prompt"?, "chosen", "rejected", "margin"?}        to_preference    reward model, dpo
     {"prompt": str|messages, "answer"?} / {"messages"}  to_prompt        ppo, grpo
     {"text": str}                                       to_text          pretrain
@@ -166,6 +167,25 @@ def _sharegpt(value, where: str) -> list:
     return out
 
 
+def _alpaca(record: dict, where: str) -> list:
+    """Alpaca's instruction (+ optional input, appended after a blank line) and output.
+
+    >>> [m["role"] for m in _alpaca({"instruction": "Say it.", "input": "cat", "output": "cat"}, "f:1")]
+    ['user', 'assistant']
+    """
+    _require(record, where, "instruction", "output")
+    user = _content(record["instruction"], where, "instruction")
+    if record.get("input") not in (None, ""):
+        user += "\n\n" + _content(record["input"], where, "input")
+    system = record.get("system")
+    head = [{"role": "system", "content": _content(system, where, "system")}] if system else []
+    return [
+        *head,
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _content(record["output"], where, "output")},
+    ]
+
+
 def to_messages(record: dict, where: str) -> list[Message]:
     """A supervised chat example: messages with at least one assistant turn to train on.
 
@@ -191,9 +211,12 @@ def to_messages(record: dict, where: str) -> list[Message]:
         if any(m["role"] == "system" for m in completion):
             raise DataError(f"{where}: completion must not contain a system message")
         msgs, name = prompt + completion, "completion"
+    elif "instruction" in record or "output" in record:
+        msgs, name = _alpaca(record, where), "output"
     else:
         raise DataError(
-            f"{where}: needs a messages field (or prompt and completion); found {_fields(record)}"
+            f"{where}: needs a messages field (or prompt and completion, or instruction and output); "
+            f"found {_fields(record)}"
         )
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: {name} has no assistant message to train on")
