@@ -70,6 +70,10 @@ def test_report_tables_plots_samples_and_self_contained_html(tmp_path):
     assert f"| sft | 0.500 ± {se(0.5):.3f} | 2/4 | {sft_change} | 0.500 | 0.500 | - |" in md
     assert f"| ppo | 0.750 ± {se(0.75):.3f} | 3/4 | +0.250 (+1.0 paired s.e., " in md
     assert "| 1.250 | 0.667 | 0/1 |" in md
+    # in words: base->sft is 1.7 paired s.e., sft->ppo 1.0 (both within noise); the s.e. bound uses n=4
+    assert f"sft: +0.500, within noise ({paired:.1f} paired s.e.; beyond noise needs 2)" in md
+    assert "ppo: +0.250, within noise (1.0 paired s.e.; beyond noise needs 2)" in md
+    assert "at most 0.250 (at p=0.5) with these 4 items" in md
     assert "pair accuracy 0.900" in md
     assert (
         "| sft | done | 3 | 60 | 2.50 | 300 | - |" in md and "| ppo | done | 2 | 90 | 2.50 | - | 50 |" in md

@@ -156,6 +156,27 @@ def _change(before: dict, after: dict) -> str:
     return f"{delta:+.3f} ({', '.join(parts)})" if parts else f"{delta:+.3f}"
 
 
+def verdict(before: dict, after: dict, name: str) -> str:
+    """One line in words: is this change beyond noise? (2 paired standard errors, else unpaired)
+
+    >>> verdict({"accuracy": 0.5, "stderr": 0.05}, {"accuracy": 0.6, "stderr": 0.05}, "ppo")
+    'ppo: +0.100, within noise (1.4 unpaired s.e.; beyond noise needs 2)'
+    """
+    from chatforge.evaluate import paired_stderr
+
+    delta = after["accuracy"] - before["accuracy"]
+    a, b = before.get("is_correct"), after.get("is_correct")
+    paired = paired_stderr(a, b) if a and b and len(a) == len(b) else None
+    se, kind = (paired, "paired") if paired else (math.hypot(before["stderr"], after["stderr"]), "unpaired")
+    if not se:
+        return f"{name}: {delta:+.3f}, no noise estimate (identical answers or no items)"
+    z = delta / se
+    if abs(z) < 2:
+        return f"{name}: {delta:+.3f}, within noise ({abs(z):.1f} {kind} s.e.; beyond noise needs 2)"
+    word = "better" if z > 0 else "worse"
+    return f"{name}: {delta:+.3f}, {word} beyond noise ({abs(z):.1f} {kind} s.e.)"
+
+
 def _rm_auc(result: dict) -> float | None:
     """The reward model's AUC separating this model's correct eval answers from its wrong ones."""
     from chatforge.evaluate import auc
@@ -224,7 +245,7 @@ def build(run: Path) -> list[tuple]:
 
     blocks.append(("h", 2, "Held-out results"))
     if evals:
-        rows = []
+        rows, verdicts = [], []
         prev = None
         for label, e in evals.items():
             x = e["exact"]
@@ -232,6 +253,7 @@ def build(run: Path) -> list[tuple]:
             if prev is not None:
                 gap = _change(prev["exact"], x)
                 flips = _rm_on_flips(prev, e)
+                verdicts.append(verdict(prev["exact"], x, NAMES.get(label, label)))
             reward = (e.get("reward") or {}).get("mean")
             rows.append(
                 [
@@ -257,12 +279,14 @@ def build(run: Path) -> list[tuple]:
             "gen tok/s",
         ]
         blocks.append(("table", head, rows))
+        if verdicts:
+            blocks.append(("p", "Verdict, each model against the one above it: " + "; ".join(verdicts) + "."))
         n = next(iter(evals.values()))["exact"]["n"]
         blocks.append(
             (
                 "p",
                 f"{n} held-out items (greedy decoding); ± is the binomial standard error sqrt(p(1-p)/n), "
-                "about 0.035 at p=0.5 with 200 items. Both models answer the same items, so a change is "
+                f"at most {0.5 / math.sqrt(max(n, 1)):.3f} (at p=0.5) with these {n} items. Both models answer the same items, so a change is "
                 "measured against the paired standard error of the per-item differences, and the "
                 "unpaired sqrt(se_a^2 + se_b^2) is shown after it; a change beyond about 2 s.e. is "
                 "beyond sampling noise. 'RM AUC' is how often the reward model scores one of this "
