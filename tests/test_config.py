@@ -68,3 +68,11 @@ def test_help_lists_every_key_with_type_default_and_help(capsys):
     out = capsys.readouterr().out
     assert "train.max_steps (int, default 0)" in out
     assert "ppo.kl_coef" not in out  # a stage's help shows only its sections
+
+
+@pytest.mark.parametrize("name", ["quickstart", "sft", "dpo", "grpo", "arithmetic"])
+def test_every_shipped_recipe_loads(name):
+    from pathlib import Path
+
+    cfg = load_config(str(Path(__file__).parent.parent / "configs" / f"{name}.yaml"), [])
+    assert cfg.model.path == "default" and cfg.pipeline.stages
