@@ -44,7 +44,9 @@ def test_adapter_records_its_base_relative_and_loads_after_the_run_moves(tmp_pat
     from chatforge.models.tiny import save_tiny
 
     save_tiny(tmp_path / "run" / "base", "llama")
-    assert save_lora(tmp_path / "run" / "base", tmp_path / "run" / "sft" / "final") == "../../base"
+    final = tmp_path / "run" / "sft" / "final"
+    assert save_lora(tmp_path / "run" / "base", final) == str((tmp_path / "run" / "base").resolve())
+    assert json.loads((final / "chatforge_base.json").read_text()) == {"relative": "../../base"}
     shutil.move(tmp_path / "run", tmp_path / "moved")
     model = load_adapter_model(tmp_path / "moved" / "sft" / "final", device=torch.device("cpu"))
     assert model.peft_config["default"].r == 4

@@ -8,6 +8,7 @@ full fine-tuning with every parameter trainable). Saved adapters load unchanged 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 # Attention projections per architecture family, matched against leaf module names.
@@ -158,7 +159,6 @@ def portable_base(base: str, adapter_dir: Path) -> str:
     hub = hub_id_of(base)
     if hub:
         return hub
-    import os
 
     real, here = os.path.realpath(base), os.path.realpath(adapter_dir)
     try:
@@ -168,16 +168,26 @@ def portable_base(base: str, adapter_dir: Path) -> str:
     return real if shared == os.path.abspath(os.sep) else os.path.relpath(real, here)
 
 
+BASE_FILE = "chatforge_base.json"  # beside adapter_config.json: the base relative to the adapter
+
+
 def record_portable_base(adapter_dir: Path) -> None:
-    """Rewrite `base_model_name_or_path` in a saved adapter's config with `portable_base`."""
+    """Record the base so the adapter loads anywhere: a hub id in `base_model_name_or_path`; a local
+    base stays absolute there (peft's AutoPeftModel reads that field from any working directory),
+    and `chatforge_base.json` adds its path relative to the adapter, used when the run has moved."""
     import json
 
     path = adapter_dir / "adapter_config.json"
     cfg = json.loads(path.read_text())
     base = cfg.get("base_model_name_or_path")
-    if base:
-        cfg["base_model_name_or_path"] = portable_base(base, adapter_dir)
-        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if not base:
+        return
+    portable = portable_base(base, adapter_dir)
+    if Path(base).exists() and not Path(portable).is_absolute() and not hub_id_of(base):
+        (adapter_dir / BASE_FILE).write_text(json.dumps({"relative": portable}) + "\n")
+        portable = os.path.realpath(base)
+    cfg["base_model_name_or_path"] = portable
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def adapter_base(adapter_dir: str | Path) -> str:
@@ -191,16 +201,20 @@ def adapter_base(adapter_dir: str | Path) -> str:
 
     config = Path(adapter_dir) / "adapter_config.json"
     base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
-    beside = Path(adapter_dir) / base
-    if base and not Path(base).is_absolute() and (beside / "config.json").is_file():
+    recorded = Path(adapter_dir) / BASE_FILE
+    relative = json.loads(recorded.read_text()).get("relative", "") if recorded.is_file() else base
+    beside = Path(adapter_dir) / relative
+    moved = not Path(base).is_dir() and relative and not Path(relative).is_absolute()
+    if moved and (beside / "config.json").is_file():
         return str(beside)
     if base == DEFAULT_HUB_ID:
         return "default"
     if Path(base).exists() or (HUB_ID.match(base) and not base.startswith(".")):
         return base
+    also = f", nor {relative!r} relative to the adapter ({BASE_FILE})" if relative != base else ""
     raise ConfigError(
-        f"{config}: base model {base!r} (base_model_name_or_path) not found; put the base there or "
-        "set that field to a local model dir or a hub id"
+        f"{config}: base model {base!r} (base_model_name_or_path) not found{also}; put the base there "
+        "or set that field to a local model dir or a hub id"
     )
 
 
