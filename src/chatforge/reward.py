@@ -62,9 +62,7 @@ def score_texts(
     max_length: int = 4096,
 ) -> list[float]:
     """Raw reward scores, one per (prompt, response); responses longer than max_length are cut."""
-    import torch
 
-    from chatforge.data.collate import pad_batch
     from chatforge.data.templates import ensure_chat_template, tokenize_prompt_response
 
     if len(prompts) != len(responses):
@@ -76,15 +74,8 @@ def score_texts(
             tokenizer, _messages(prompt, "user"), _messages(response, "assistant"), max_length
         )
         rows.append({"input_ids": ids})
-    device = next(model.parameters()).device
-    scores: list[float] = []
     model.eval()
-    with torch.no_grad():
-        for s in range(0, len(rows), batch_size):
-            batch = pad_batch(rows[s : s + batch_size], pad_id=tokenizer.pad_token_id)
-            out = model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            scores += out.float().cpu().tolist()
-    return scores
+    return _score_rows(model, tokenizer, rows, batch_size)
 
 
 INPUT_RENDERING = (
@@ -105,11 +96,17 @@ def score_rendered(model, tokenizer, texts: Sequence[str], batch_size: int = 8) 
     """Raw scores of whole chats already rendered as text (e.g. by `apply_chat_template(...,
     tokenize=False)`). Trailing whitespace is dropped first, so a template's newline after the
     last end-of-turn token does not move the read one token late."""
+
+    rows = [{"input_ids": tokenizer(t.rstrip(), add_special_tokens=False)["input_ids"]} for t in texts]
+    return _score_rows(model, tokenizer, rows, batch_size)
+
+
+def _score_rows(model, tokenizer, rows: list[dict], batch_size: int) -> list[float]:
+    """Raw scores of tokenized rows (`{"input_ids": [...]}`), padded and scored batch by batch."""
     import torch
 
     from chatforge.data.collate import pad_batch
 
-    rows = [{"input_ids": tokenizer(t.rstrip(), add_special_tokens=False)["input_ids"]} for t in texts]
     device = next(model.parameters()).device
     scores: list[float] = []
     with torch.no_grad():
