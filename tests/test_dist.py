@@ -72,6 +72,15 @@ def _logits(model_dir, adapter: bool):
         return model.eval()(torch.arange(3, 20)[None]).logits
 
 
+def _fsdp2_plan(model_dir, method: str, devices: int):
+    from chatforge.plan.memory import estimate, load_shape
+    from chatforge.plan.strategies import per_device
+
+    method = "full" if method == "none" else method
+    e = estimate(load_shape(str(model_dir)), method, "fp32", lora_r=16, lora_targets="attention")
+    return per_device(e, "fsdp2", devices=devices)
+
+
 @pytest.mark.parametrize("method", ["none", "lora"])
 def test_fsdp2_trains_like_one_process_shards_and_saves_plain_final(method, tiny_model_dir, jsonl, tmp_path):
     data = jsonl(CHATS)
@@ -87,6 +96,11 @@ def test_fsdp2_trains_like_one_process_shards_and_saves_plain_final(method, tiny
     for p, s in two:
         assert 0.4 * params < p < 0.6 * params
         assert 0.4 * state < s < 0.6 * state
+    # and the planner's fsdp2 shares per device say the same (fp32: weights and Adam states)
+    plan = _fsdp2_plan(tiny_model_dir, method, devices=2)
+    for p, s in two:
+        assert plan.device["weights"] == pytest.approx(p, rel=0.03)
+        assert plan.device["optimizer"] == pytest.approx(s, rel=0.03)
     # final/ is a plain transformers / peft dir gathered from the shards
     got = _logits(tmp_path / "two" / "final", adapter=method == "lora")
     want = _logits(tmp_path / "one" / "final", adapter=method == "lora")

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from chatforge.models.adapters import save_final
@@ -122,3 +123,16 @@ def test_no_deprecation_warning_from_peft_on_a_lora_model(tiny_model_dir):
     run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "is_gradient_checkpointing" not in run.stderr
+
+
+def test_no_accelerator_line_from_deepspeed_at_start_up():
+    # accelerate imports deepspeed whenever it is installed; on a CPU machine deepspeed logs
+    # "Setting accelerator to CPU" to stdout on every command unless chatforge filters it
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    code = "import chatforge\nfrom accelerate.utils import extract_model_from_parallel\nimport deepspeed\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "Setting accelerator" not in run.stdout + run.stderr

@@ -94,6 +94,20 @@ def plan_main(argv: list[str]) -> int:
     p.add_argument("--stage", default="sft", choices=["sft", "reward", "dpo", "ppo", "grpo", "inference"])
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--device-gib", type=float, default=0.0, help="say whether it fits in this much memory")
+    spread = p.add_argument_group("several devices (dist.strategy and dist.offload of a run)")
+    spread.add_argument(
+        "--strategy",
+        default="none",
+        choices=["none", "ddp", "fsdp2", "zero2", "zero3"],
+        help="how the devices share the model; zero2/zero3 count DeepSpeed's fp32 master weights",
+    )
+    spread.add_argument("--devices", type=int, default=1, help="processes (devices) in the run")
+    spread.add_argument(
+        "--offload",
+        default="none",
+        choices=["none", "optimizer", "all"],
+        help="optimizer states (or parameters too) kept in host memory",
+    )
     size = p.add_argument_group("model size (Chinchilla law; training 6ND, serving 2N per token)")
     goal = size.add_mutually_exclusive_group()
     goal.add_argument(
@@ -133,9 +147,21 @@ def _plan_memory(args) -> None:
         grad_checkpointing=args.grad_checkpointing,
         stage=args.stage,
     )
-    print(memory.format_table(est))
+    if (args.strategy, args.devices, args.offload) == ("none", 1, "none"):
+        print(memory.format_table(est))
+        fits = memory.fits(est, args.device_gib)
+    else:
+        from chatforge.errors import ConfigError
+        from chatforge.plan import strategies
+
+        try:
+            plan = strategies.per_device(est, args.strategy, args.devices, args.offload)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        print(strategies.format_plan(plan))
+        fits = plan.total <= args.device_gib * memory.GIB * 0.9
     if args.device_gib:
-        print(f"fits in {args.device_gib:g} GiB: {'yes' if memory.fits(est, args.device_gib) else 'no'}")
+        print(f"fits in {args.device_gib:g} GiB: {'yes' if fits else 'no'}")
     tokens = scaling.chinchilla_tokens(shape.n_params)
     flops = scaling.training_flops(shape.n_params, tokens)
     print(f"compute-optimal pretraining budget: {tokens:,} tokens, {flops:.3g} FLOPs")

@@ -291,6 +291,7 @@ class Estimate:
     trainable_params: int
     breakdown: dict[str, int]
     notes: tuple[str, ...] = field(default=())
+    optimizer: str = "adamw"
 
     @property
     def total(self) -> int:
@@ -421,7 +422,9 @@ def estimate(
         "logits": round(logits),
         "kv_cache": round(kv),
     }
-    return Estimate(shape, method, stage, weight_dtype, batch, seq_len, trainable, breakdown, tuple(notes))
+    return Estimate(
+        shape, method, stage, weight_dtype, batch, seq_len, trainable, breakdown, tuple(notes), optimizer
+    )
 
 
 def fits(estimate: Estimate, device_gib: float, reserve: float = 0.1) -> bool:
@@ -430,7 +433,8 @@ def fits(estimate: Estimate, device_gib: float, reserve: float = 0.1) -> bool:
     return estimate.total <= device_gib * GIB * (1 - reserve)
 
 
-def _params(n: int) -> str:
+def short_count(n: int) -> str:
+    """`134515008` -> `134.5M`."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
@@ -454,8 +458,8 @@ def format_table(estimate: Estimate) -> str:
     e = estimate
     total = max(e.total, 1)
     lines = [
-        f"{e.shape.model_type} {_params(e.shape.n_params)} params | {e.method}, {e.weight_dtype} weights, "
-        f"{e.stage}, batch {e.batch} x {e.seq_len} tokens, {_params(e.trainable_params)} trainable",
+        f"{e.shape.model_type} {short_count(e.shape.n_params)} params | {e.method}, {e.weight_dtype} weights, "
+        f"{e.stage}, batch {e.batch} x {e.seq_len} tokens, {short_count(e.trainable_params)} trainable",
         f"{'component':<12}{'GiB':>9}{'share':>8}",
     ]
     for name, value in [*e.breakdown.items(), ("total", e.total)]:
