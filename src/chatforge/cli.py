@@ -77,6 +77,11 @@ TOOLS = {
         "memory and compute planning: what fits, how many tokens, train+serve optimal size",
         "chatforge.tools:plan_main",
     ),
+    "bench": (
+        "tokens/s, TFLOPS, MFU and peak memory of training a random-weight preset under a "
+        "dist.strategy (torchrun for several processes)",
+        "chatforge.bench:main",
+    ),
     "scaling": (
         "scaling-law study on your text: scaling study CONFIG | scaling fit DIR",
         "chatforge.study.runner:main",
