@@ -46,7 +46,7 @@ def launch(stage: str, processes: int, args: list[str]) -> list[tuple[int, int]]
     return [(int(p), int(s)) for _, _, p, s in found]
 
 
-def _args(model_dir, data, out, processes, *extra):
+def _args(model_dir, data, out, processes, *extra, strategy="fsdp2"):
     return tiny_run_args(
         model_dir,
         data,
@@ -54,7 +54,7 @@ def _args(model_dir, data, out, processes, *extra):
         f"train.batch_size={4 // processes}",  # the same global batch of 4
         "train.lr=1e-2",
         "peft.dropout=0.0",  # each rank draws its own dropout masks
-        "dist.strategy=fsdp2",
+        f"dist.strategy={strategy}",
         *extra,
     )
 
@@ -108,6 +108,32 @@ def test_fsdp2_trains_like_one_process_shards_and_saves_plain_final(method, tiny
     assert not torch.allclose(got, _logits(tiny_model_dir, adapter=False), atol=1e-3)
 
 
+@pytest.mark.parametrize(("strategy", "method"), [("zero2", "none"), ("zero3", "none"), ("zero3", "lora")])
+def test_zero_trains_like_one_process_shards_and_saves_plain_final(
+    strategy, method, tiny_model_dir, jsonl, tmp_path
+):
+    pytest.importorskip("deepspeed")
+    data = jsonl(CHATS)
+    extra = ("train.max_steps=3", f"peft.method={method}")
+    one = launch("sft", 1, _args(tiny_model_dir, data, tmp_path / "one", 1, *extra, strategy=strategy))
+    two = launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "two", 2, *extra, strategy=strategy))
+    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-4)
+    assert [m["grad_norm"] for m in b] == pytest.approx([m["grad_norm"] for m in a], rel=1e-3)
+    # DeepSpeed's own partitions: Adam state halves under both; parameters only under zero3
+    ((params, state),) = one
+    assert len(two) == 2
+    for p, s in two:
+        assert 0.4 * state < s < 0.6 * state
+        if strategy == "zero3":
+            assert 0.4 * params < p < 0.6 * params
+        else:
+            assert p == params
+    got = _logits(tmp_path / "two" / "final", adapter=method == "lora")
+    want = _logits(tmp_path / "one" / "final", adapter=method == "lora")
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, jsonl, tmp_path):
     data = jsonl(CHATS)
     extra = ("peft.method=none", "train.max_steps=4", "train.save_every=2", "train.keep_last=5")
@@ -128,7 +154,9 @@ def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, jsonl, 
     ("stage", "overrides", "says"),
     [
         ("grpo", ["dist.strategy=fsdp2"], "dist.strategy=fsdp2 is not supported for the grpo stage"),
-        ("sft", ["dist.strategy=zero3"], "dist.strategy=zero3 is not supported yet"),
+        ("grpo", ["dist.strategy=zero3"], "dist.strategy=zero3 is not supported for the grpo stage yet"),
+        ("rm", ["dist.strategy=zero2"], "use dist.strategy=fsdp2 or ddp"),
+        ("sft", ["dist.strategy=zero2", "train.grad_accum=2"], "with train.grad_accum=2 is not supported"),
         ("sft", ["dist.offload=optimizer"], "dist.offload=optimizer is not supported"),
     ],
 )

@@ -1,8 +1,10 @@
-"""`dist.strategy` -> how the Trainer spreads a model over processes: DDP or FSDP2.
+"""`dist.strategy` -> how the Trainer spreads a model over processes: DDP, FSDP2 or DeepSpeed ZeRO.
 
     ddp     every process holds the whole model, gradients and optimizer state (accelerate's DDP)
     fsdp2   torch's `fully_shard` per decoder layer, then the root: parameters, gradients and
             optimizer state are sharded over the processes (gloo on CPU, NCCL on GPU)
+    zero2   DeepSpeed ZeRO-2: gradients and optimizer state partitioned (chatforge.train.zero)
+    zero3   DeepSpeed ZeRO-3: parameters partitioned too
 
 accelerate 1.15 turns an FSDP config into DDP on CPU, so FSDP2 is applied here with torch's own
 `fully_shard`, and the sharded model is not passed to `accelerate.prepare`. What is saved does not
@@ -10,7 +12,7 @@ depend on the strategy: `final/` and `trainable.safetensors` hold the full weigh
 the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard), so a
 sharded checkpoint resumes with the same number of processes.
 
-`check_supported(stage, strategy, world)` refuses an unsupported combination at start-up in one
+`check_supported(stage, strategy, offload, grad_accum)` refuses an unsupported combination at start-up in one
 line; `local_bytes(model, optimizer)` reads what this rank really holds from the local shards.
 """
 
@@ -25,6 +27,8 @@ from chatforge.errors import ConfigError
 
 # stages whose loop is the shared Trainer.fit and whose model is only called through forward()
 SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
+# of those, the ones tested under DeepSpeed ZeRO
+ZERO_STAGES = ("sft", "dpo")
 
 
 def resolve(strategy: str, world: int) -> str:
@@ -38,13 +42,25 @@ def resolve(strategy: str, world: int) -> str:
     return "ddp" if strategy == "auto" else strategy
 
 
-def check_supported(stage: str, strategy: str, offload: str) -> None:
+def check_supported(stage: str, strategy: str, offload: str, grad_accum: int = 1) -> None:
     """One-line refusal of a stage x strategy x offload this version cannot run, saying what can."""
     if strategy in ("zero2", "zero3"):
-        raise ConfigError(
-            f"dist.strategy={strategy} is not supported yet: use dist.strategy=fsdp2 (parameters, "
-            "gradients and optimizer state sharded) or ddp"
-        )
+        if stage not in ZERO_STAGES:
+            instead = "dist.strategy=fsdp2 or ddp" if stage in SHARDED_STAGES else "dist.strategy=ddp"
+            raise ConfigError(
+                f"dist.strategy={strategy} is not supported for the {stage} stage yet: use {instead}"
+            )
+        if grad_accum != 1:
+            raise ConfigError(
+                f"dist.strategy={strategy} with train.grad_accum={grad_accum} is not supported yet: use "
+                "train.grad_accum=1 (raise train.batch_size), or dist.strategy=fsdp2"
+            )
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"dist.strategy={strategy} needs DeepSpeed: pip install 'chatforge[deepspeed]'"
+            ) from None
     if strategy == "fsdp2" and stage not in SHARDED_STAGES:
         raise ConfigError(
             f"dist.strategy=fsdp2 is not supported for the {stage} stage yet (generation runs outside "
@@ -52,8 +68,8 @@ def check_supported(stage: str, strategy: str, offload: str) -> None:
         )
     if offload != "none":
         raise ConfigError(
-            f"dist.offload={offload} is not supported yet: use dist.offload=none (fsdp2 already "
-            "shards the optimizer state over the processes)"
+            f"dist.offload={offload} is not supported yet: use dist.offload=none (fsdp2 and zero3 "
+            "already shard the optimizer state over the processes)"
         )
 
 
@@ -92,8 +108,9 @@ def is_sharded(t) -> bool:
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (the whole tensor when it is not sharded)."""
-    return t.to_local() if is_sharded(t) else t
+    """This rank's part of a tensor (the whole tensor when it is not sharded). A ZeRO-3 parameter
+    keeps its partition in `ds_tensor` (the parameter itself is an empty placeholder)."""
+    return t.to_local() if is_sharded(t) else getattr(t, "ds_tensor", t)
 
 
 def local_bytes(model: torch.nn.Module, optimizer) -> tuple[int, int]:

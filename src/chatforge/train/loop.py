@@ -34,6 +34,7 @@ import torch
 from chatforge.errors import ChatforgeError
 from chatforge.train import checkpoint as ck
 from chatforge.train import dist as sharding
+from chatforge.train import zero
 
 LossFn = Callable[[Any, dict, float | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -118,6 +119,7 @@ class Trainer:
         torch.manual_seed(tcfg.seed)
         strategy = sharding.resolve(dist.strategy if dist else "auto", self.acc.num_processes)
         self.sharded = strategy == "fsdp2"
+        self.zero = strategy in ("zero2", "zero3")
         if self.sharded:  # before the optimizer exists: it must hold the sharded parameters
             model = sharding.shard(model.to(self.acc.device), dist.reshard_after_forward)
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -132,6 +134,10 @@ class Trainer:
         )
         if self.sharded:  # accelerate would wrap the sharded model in DDP on CPU
             self.model, self.optimizer = model, self.acc.prepare(opt)
+        elif self.zero:  # accelerate's Accelerator(cpu=True) would drop DeepSpeed: the engine directly
+            self.model, self.optimizer = zero.initialize(
+                model.to(self.acc.device), opt, strategy, tcfg.batch_size, tcfg.max_grad_norm
+            )
         else:
             self.model, self.optimizer = self.acc.prepare(model, opt)
         self._reported_bytes = False
@@ -211,21 +217,30 @@ class Trainer:
             sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
                 for loss, metrics in loss_parts(loss_fn(self.model, batch, normalizer)):
-                    self.acc.backward(loss)
+                    if self.zero:  # no 1/grad_accum scaling: the normalizer already counts it
+                        self.model.backward(loss, scale_wrt_gas=False)
+                    else:
+                        self.acc.backward(loss)
                     loss_total += float(loss.detach())
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * units[i]
             self._tokens += batch_tokens(batch)
         grad_norm = None
-        if self.cfg.max_grad_norm > 0 and self.sharded:
-            grad_norm = sharding.clip_grad_norm(self.model.parameters(), self.cfg.max_grad_norm)
-        elif self.cfg.max_grad_norm > 0:
-            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        loss_sum = self.global_sum(loss_total)
-        self._stop_if_diverged(loss_sum, grad_norm)
-        self.optimizer.step()
+        if self.zero:  # DeepSpeed's step clips and computes the norm; only the loss is checked first
+            loss_sum = self.global_sum(loss_total)
+            self._stop_if_diverged(loss_sum, torch.zeros(()))
+            self.model.step()
+            grad_norm = zero.grad_norm(self.model) if self.cfg.max_grad_norm > 0 else None
+        else:
+            if self.cfg.max_grad_norm > 0 and self.sharded:
+                grad_norm = sharding.clip_grad_norm(self.model.parameters(), self.cfg.max_grad_norm)
+            elif self.cfg.max_grad_norm > 0:
+                grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            loss_sum = self.global_sum(loss_total)
+            self._stop_if_diverged(loss_sum, grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if not self._reported_bytes:
             self._report_bytes()
@@ -273,7 +288,9 @@ class Trainer:
             for n, p in model.named_parameters()
             if p.requires_grad and not torch.isfinite(sharding.local(p)).all()
         ]
-        if self.sharded and self.global_sum(len(bad)) and not bad:  # each rank checks its shards
+        if (
+            (self.sharded or self.zero) and self.global_sum(len(bad)) and not bad
+        ):  # each rank checks its shards
             bad = ["a shard on another rank"]
         if bad:
             raise ChatforgeError(
@@ -370,7 +387,7 @@ class Trainer:
                     shutil.rmtree(tmp, ignore_errors=True)
                     tmp.mkdir(parents=True)
                     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-                    if not self.sharded:
+                    if not (self.sharded or self.zero):  # zero: the partitions are not saved yet
                         ck.save_plain(self.optimizer.state_dict(), tmp / "optimizer.pt")
                     ck.save_plain(self.scheduler.state_dict(), tmp / "scheduler.pt")
                     state = {
@@ -396,6 +413,8 @@ class Trainer:
 
     def _whole(self, model):
         """A block in which a sharded model's parameters are whole (all ranks enter it)."""
+        if self.zero:
+            return zero.gathered(model)
         return sharding.gathered(model) if self.sharded else contextlib.nullcontext(model)
 
     def checkpoints(self) -> list[Path]:
@@ -409,6 +428,11 @@ class Trainer:
         if not ckpts:
             return None
         path = ckpts[-1]
+        if self.zero:
+            raise ChatforgeError(
+                f"{path}: resuming under dist.strategy=zero2/zero3 is not supported yet (the optimizer "
+                "partitions are not saved): use dist.strategy=fsdp2 for resumable sharded runs"
+            )
         state = ck.read_state(path)
         try:
             weights = load_file(str(path / "trainable.safetensors"))

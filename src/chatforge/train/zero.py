@@ -1,0 +1,78 @@
+"""dist.strategy=zero2 / zero3: DeepSpeed ZeRO for the shared Trainer, through `deepspeed.initialize`.
+
+    zero2   every process holds the whole model; gradients and optimizer states are partitioned
+    zero3   parameters are partitioned too, each module's gathered only for its forward/backward
+
+The Trainer's torch AdamW becomes the inner optimizer of DeepSpeed's ZeRO optimizer, which steps it
+on this rank's flat fp32 partition; the LR schedule built on it keeps working, since DeepSpeed edits
+its param groups in place. One optimizer step is `engine.backward(loss)` for each loss, then
+`engine.step()` (clipping by `train.max_grad_norm` inside it). The process group is the one
+accelerate created (gloo on CPU, NCCL on GPU); DeepSpeed wraps it. What is saved does not depend on
+the strategy: `final/` and the checkpoints' `trainable.safetensors` hold the full weights, gathered
+on every rank for the save under zero3 (`gathered`). The optimizer partitions are not saved yet,
+so a zero checkpoint is not resumed (the Trainer refuses it in one line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def ds_config(stage: int, micro_batch: int, max_grad_norm: float, bf16: bool) -> dict:
+    """The DeepSpeed config of a run: one micro-batch per step (the Trainer accumulates itself)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": max_grad_norm,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_allow_untested_optimizer": True,  # the Trainer's own torch AdamW
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: torch.nn.Module, optimizer, strategy: str, micro_batch: int, max_grad_norm: float):
+    """(engine, ZeRO optimizer) for `model` (already on its device) and its torch `optimizer`."""
+    import deepspeed
+
+    stage = int(strategy[-1])
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    config = ds_config(stage, micro_batch, max_grad_norm, bf16)
+    engine, zero_optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config, dist_init_required=False
+    )
+    if stage == 3:
+        _register_head(engine.module)
+    return engine, zero_optimizer
+
+
+def _register_head(model: torch.nn.Module) -> None:
+    """chatforge reads the LM head's weight outside the head's own forward (chunked log-probs), so
+    ZeRO-3 must gather it for the whole model's forward and backward."""
+    import deepspeed
+
+    lm = getattr(model, "lm", model)
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    head = base.get_output_embeddings()
+    if head is not None:
+        for p in head.parameters():
+            deepspeed.zero.register_external_parameter(model, p)
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """All ranks: inside the block every ZeRO-3 parameter holds its full tensor (a no-op for zero2)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield model
+
+
+def grad_norm(engine) -> torch.Tensor:
+    """The global gradient norm DeepSpeed computed in its last step (before clipping)."""
+    norm = engine.get_global_grad_norm()
+    return torch.as_tensor(0.0 if norm is None else float(norm))
