@@ -54,7 +54,7 @@ def start_run(cfg: Config, stage: str) -> Path:
     from chatforge import allocator
     from chatforge.train.dist import check_supported
 
-    check_supported(stage, cfg.dist.strategy, cfg.dist.offload, cfg.train.grad_accum)
+    check_supported(stage, cfg.dist.strategy, cfg.dist.offload, cfg.train.grad_accum, cfg.peft.method)
     seed_everything(cfg.train.seed)
     log(allocator.describe())
     out = Path(cfg.train.output_dir)

@@ -3,7 +3,8 @@
     ddp     every process holds the whole model, gradients and optimizer state (accelerate's DDP)
     fsdp2   torch's `fully_shard` per decoder layer, then the root: parameters, gradients and
             optimizer state are sharded over the processes (gloo on CPU, NCCL on GPU)
-    zero2   DeepSpeed ZeRO-2: gradients and optimizer state partitioned (chatforge.train.zero)
+    zero2   DeepSpeed ZeRO-2: gradients and optimizer state partitioned (chatforge.train.zero;
+            SFT with full fine-tuning)
     zero3   DeepSpeed ZeRO-3: parameters partitioned too
 
 accelerate 1.15 turns an FSDP config into DDP on CPU, so FSDP2 is applied here with torch's own
@@ -12,7 +13,7 @@ depend on the strategy: `final/` and `trainable.safetensors` hold the full weigh
 the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard), so a
 sharded checkpoint resumes with the same number of processes.
 
-`check_supported(stage, strategy, offload, grad_accum)` refuses an unsupported combination at start-up in one
+`check_supported(stage, strategy, offload, grad_accum, method)` refuses an unsupported combination at start-up in one
 line; `local_bytes(model, optimizer)` reads what this rank really holds from the local shards.
 """
 
@@ -27,8 +28,8 @@ from chatforge.errors import ConfigError
 
 # stages whose loop is the shared Trainer.fit and whose model is only called through forward()
 SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
-# of those, the ones tested under DeepSpeed ZeRO
-ZERO_STAGES = ("sft", "dpo")
+# of those, the ones tested under DeepSpeed ZeRO (full fine-tuning only, so far)
+ZERO_STAGES = ("sft",)
 
 
 def resolve(strategy: str, world: int) -> str:
@@ -42,13 +43,20 @@ def resolve(strategy: str, world: int) -> str:
     return "ddp" if strategy == "auto" else strategy
 
 
-def check_supported(stage: str, strategy: str, offload: str, grad_accum: int = 1) -> None:
+def check_supported(
+    stage: str, strategy: str, offload: str, grad_accum: int = 1, method: str = "none"
+) -> None:
     """One-line refusal of a stage x strategy x offload this version cannot run, saying what can."""
     if strategy in ("zero2", "zero3"):
         if stage not in ZERO_STAGES:
             instead = "dist.strategy=fsdp2 or ddp" if stage in SHARDED_STAGES else "dist.strategy=ddp"
             raise ConfigError(
                 f"dist.strategy={strategy} is not supported for the {stage} stage yet: use {instead}"
+            )
+        if method != "none":
+            raise ConfigError(
+                f"dist.strategy={strategy} with peft.method={method} is not supported yet: use "
+                "dist.strategy=fsdp2 (adapters on a sharded base), or peft.method=none"
             )
         if grad_accum != 1:
             raise ConfigError(

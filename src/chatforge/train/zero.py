@@ -3,6 +3,9 @@
     zero2   every process holds the whole model; gradients and optimizer states are partitioned
     zero3   parameters are partitioned too, each module's gathered only for its forward/backward
 
+Supported (and tested) for SFT with full fine-tuning: adapters, other stages, train.grad_accum > 1
+and offload are refused at start-up (chatforge.train.dist.check_supported).
+
 The Trainer's torch AdamW becomes the inner optimizer of DeepSpeed's ZeRO optimizer, which steps it
 on this rank's flat fp32 partition; the LR schedule built on it keeps working, since DeepSpeed edits
 its param groups in place. One optimizer step is `engine.backward(loss)` for each loss, then
@@ -55,9 +58,7 @@ def _register_head(model: torch.nn.Module) -> None:
     ZeRO-3 must gather it for the whole model's forward and backward."""
     import deepspeed
 
-    lm = getattr(model, "lm", model)
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    head = base.get_output_embeddings()
+    head = getattr(model, "lm", model).get_output_embeddings()
     if head is not None:
         for p in head.parameters():
             deepspeed.zero.register_external_parameter(model, p)
