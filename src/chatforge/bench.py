@@ -133,7 +133,9 @@ def run(args) -> dict:
     from chatforge.train.loop import Trainer
     from chatforge.train.sft import sft_loss, sft_units
 
-    sharding.check_supported(args.stage, args.strategy, "none")
+    sharding.check_supported(
+        args.stage, args.strategy, "none", 1, "none" if args.method == "full" else "lora"
+    )
     device = pick_device(args.device)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
