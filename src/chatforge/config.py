@@ -283,7 +283,7 @@ class PipelineConfig:
     eval_max_new_tokens: int = opt(32, "answer length limit in evaluation (greedy decoding)")
     eval_batch_size: int = opt(16, "prompts per generation batch in evaluation")
     eval_limit: int = opt(0, "evaluate only the first N eval items; 0 = all")
-    samples: int = opt(6, "before/after sample answers shown in the report")
+    samples: int = opt(6, "sample answers the report shows for each model against the one before it")
     sft_same_time: bool = opt(
         False,
         "also train the SFT model on with SFT for the wall time the stages after SFT took, and report "
