@@ -133,6 +133,26 @@ def test_sft_same_time_row_is_compared_with_the_rl_model(tmp_path):
     assert list(sample_sections(md)) == ["sft -> ppo"]  # the pipeline's own stages only
 
 
+def test_models_follow_the_pipeline_order_each_against_the_one_it_was_trained_from(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "data").mkdir()
+    (run / "data" / "eval.jsonl").write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
+    cfg = {"pipeline": {"stages": ["sft", "ppo", "dpo"], "samples": 1}}  # dpo trains on from ppo
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for label, answers in (("base", "0000"), ("sft", "1200"), ("ppo", "1230"), ("dpo", "1234")):
+        (run / label).mkdir()
+        _eval(run, label, list(answers), 0.0)
+    md = write_report(run).read_text()
+    table = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "/4 |" in line]
+    assert table == ["| base", "| sft", "| ppo", "| dpo"]
+    assert sample_sections(md) == {
+        "base -> sft": ["✗ 0 | ✓ 1"],
+        "sft -> ppo": ["✗ 0 | ✓ 3"],
+        "ppo -> dpo": ["✗ 0 | ✓ 4"],
+    }
+
+
 def panel_axes(fig) -> dict:
     return {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
 

@@ -60,10 +60,14 @@ def _config(run: Path) -> dict:
 
 
 def evaluations(run: Path) -> dict[str, dict]:
-    """label -> eval result, in pipeline order (base first)."""
+    """label -> eval result, in pipeline order (base first, then the stages as pipeline.stages lists
+    them, so each model follows the one it was trained from; sft_same_time last)."""
     found = {p.stem: _read_json(p) for p in (run / "eval").glob("*.json") if p.stem != "rm"}
     found = {k: v for k, v in found.items() if v and "exact" in v}
-    rank = {label: i for i, label in enumerate(LABEL_ORDER)}
+    rank: dict[str, int] = {}
+    listed = [s for s in stages_of(run) if s != SAME_TIME]
+    for i, label in enumerate(["base", *listed, *LABEL_ORDER]):
+        rank.setdefault(label, i)
     return dict(sorted(found.items(), key=lambda kv: (rank.get(kv[0], 99), kv[0])))
 
 
