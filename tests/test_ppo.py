@@ -52,6 +52,25 @@ def config(model_dir, data, out, reward, *overrides):
     )
 
 
+def launch_args(model_dir, data, out, reward) -> list[str]:
+    """The overrides the one- and two-process PPO runs share (the tests add the batch split)."""
+    return [
+        f"model.path={model_dir}",
+        f"data.train=[{data}]",
+        f"train.output_dir={out}",
+        f"ppo.reward_functions=[{reward}]",
+        "train.progress=false",
+        "train.warmup_ratio=0",
+        "train.lr=1e-2",
+        "model.dtype=float32",
+        "train.mixed_precision=none",
+        "train.device=cpu",
+        "peft.r=8",
+        "data.max_length=96",
+        "generate.max_new_tokens=8",
+    ]
+
+
 @pytest.mark.parametrize("critic", ["adapter", "head"])
 def test_rule_reward_rises_and_everything_is_logged(
     critic, tiny_model_dir, jsonl, reward_file, tmp_path, capsys
@@ -366,20 +385,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(
 
     def args(out, processes):  # the same global rollout of 16 prompts, micro-batches of 8
         rollout, batch = 16 // processes, 8 // processes
-        return [
-            f"model.path={tiny_model_dir}",
-            f"data.train=[{data}]",
-            f"train.output_dir={out}",
-            f"ppo.reward_functions=[{reward_file}]",
-            "train.progress=false",
-            "train.warmup_ratio=0",
-            "train.lr=1e-2",
-            "model.dtype=float32",
-            "train.mixed_precision=none",
-            "train.device=cpu",
-            "peft.r=8",
-            "data.max_length=96",
-            "generate.max_new_tokens=8",
+        return launch_args(tiny_model_dir, data, out, reward_file) + [
             "generate.top_k=1",
             "ppo.whiten_advantages=false",
             "ppo.ppo_epochs=1",

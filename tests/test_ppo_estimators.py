@@ -11,7 +11,7 @@ from chatforge.config import GenerateConfig, load_config
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.train import ppo
 from conftest import one_and_two_processes, reward_that_raises
-from test_ppo import PROMPTS, TIMING, config, metrics
+from test_ppo import PROMPTS, TIMING, config, launch_args, metrics
 from test_roles import CPU, make_adapter, roles_config
 
 
@@ -168,20 +168,7 @@ def test_two_processes_estimate_like_one_with_the_same_global_batch(
 
     def args(out, processes):
         rollout = 8 // processes
-        return [
-            f"model.path={tiny_model_dir}",
-            f"data.train=[{data}]",
-            f"train.output_dir={out}",
-            f"ppo.reward_functions=[{reward_file}]",
-            "train.progress=false",
-            "train.warmup_ratio=0",
-            "train.lr=1e-2",
-            "model.dtype=float32",
-            "train.mixed_precision=none",
-            "train.device=cpu",
-            "peft.r=8",
-            "data.max_length=96",
-            "generate.max_new_tokens=8",
+        return launch_args(tiny_model_dir, data, out, reward_file) + [
             "generate.seed_per_row=true",
             f"ppo.advantage={advantage}",
             "ppo.samples_per_prompt=2",
