@@ -155,3 +155,20 @@ def test_generation_config_processors_fall_back_to_transformers(tokenizer):
     ours = generate(lm, tokenizer, prompts, max_new_tokens=6, greedy=True)
     theirs = generate(lm, tokenizer, prompts, max_new_tokens=6, greedy=True, engine=False)
     assert torch.equal(ours.response_ids, theirs.response_ids)
+
+
+def test_per_row_settings_pick_what_each_row_picks_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 40)
+    uniform = torch.rand(5, 1, dtype=torch.float64)
+    settings = [
+        Sampling(greedy=True),
+        Sampling(temperature=0.5, top_p=0.8),
+        Sampling(temperature=1.5),
+        Sampling(temperature=0.5, top_p=0.8),
+        Sampling(top_k=3),
+    ]
+    got = pick_tokens(logits, settings, uniform).tolist()
+    alone = [int(pick_tokens(logits[b : b + 1], s, uniform[b : b + 1])) for b, s in enumerate(settings)]
+    assert got == alone and got[0] == int(logits[0].argmax())
+    assert got != pick_tokens(logits, Sampling(temperature=1.5), uniform).tolist()  # settings matter

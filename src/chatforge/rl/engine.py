@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -125,10 +125,25 @@ class Sampling:
 
 
 def pick_tokens(
-    logits: torch.Tensor, sampling: Sampling, uniform: torch.Tensor | None = None
+    logits: torch.Tensor, sampling: Sampling | list[Sampling], uniform: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(B,) next tokens from float32 logits (B, V); `uniform` (B, 1) float64 numbers drive the draws
-    (inverse CDF, `rl.generate.inverse_cdf_multinomial`), else the global RNG does."""
+    """(B,) next tokens from float32 logits (B, V); `sampling`: one for every row, or one per row (a
+    server's requests; rows with equal settings are warped together). `uniform` (B, 1) float64
+    numbers drive the draws (inverse CDF, `rl.generate.inverse_cdf_multinomial`), else the global RNG."""
+    if isinstance(sampling, Sampling):
+        return _pick(logits, sampling, uniform)
+    groups: dict[tuple, list[int]] = {}
+    for b, s in enumerate(sampling):
+        groups.setdefault(astuple(s), []).append(b)
+    out = torch.empty(len(sampling), dtype=torch.long, device=logits.device)
+    for rows in groups.values():
+        index = torch.tensor(rows, device=logits.device)
+        part = None if uniform is None else uniform[index]
+        out[index] = _pick(logits[index], sampling[rows[0]], part)
+    return out
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, uniform: torch.Tensor | None) -> torch.Tensor:
     from chatforge.rl.generate import inverse_cdf_multinomial
 
     if sampling.greedy:

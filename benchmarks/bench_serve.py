@@ -1,0 +1,168 @@
+"""Serving throughput: 8 concurrent clients on `chatforge serve`'s continuous batching vs one at a time.
+
+    .venv/bin/python benchmarks/bench_serve.py [--clients 8] [--max-tokens 48] [--no-write]
+    .venv/bin/python benchmarks/bench_serve.py --model /tmp/tiny --no-write      # smoke
+
+SmolLM2-135M-Instruct (the embedded default) in float32, the real server (FastAPI on uvicorn, in
+this process) and the official `openai` client streaming over HTTP. The same 8 chat requests
+(built-in task prompts, temperature 1, seed i, at most `--max-tokens` tokens) are sent
+
+1. one after another by one client to a server that answers one at a time (`--max-batch 1`);
+2. all at once by 8 clients to a server that batches them (`--max-batch 8`, `serve.batch.Batched`).
+
+Reported: total generated tokens/s (usage.completion_tokens over the wall time of all requests),
+time to first token (from sending a request to its first content chunk; mean and worst) and
+whether both runs produced the same answers (the seeded draws do not depend on the batch). One
+warm-up request first. Results go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+from common import command_line, machine, write_section
+
+
+def serve(engine, scheduler):
+    """(base url, stop()) of a server on `scheduler`."""
+    from chatforge.serve.app import create_app, make_server
+    from chatforge.serve.guard import Guard
+
+    srv, sock = make_server(create_app(engine, Guard(), scheduler, log=lambda _line: None), "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.01)
+
+    def stop():
+        srv.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
+
+
+def ask(client, messages, seed: int, max_tokens: int) -> dict:
+    """One streamed request: its text, tokens, time to first token and end time."""
+    t0 = time.perf_counter()
+    first, text, tokens = None, "", 0
+    stream = client.chat.completions.create(
+        model="bench",
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=1.0,
+        seed=seed,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        for c in chunk.choices:
+            if c.delta.content and first is None:
+                first = time.perf_counter() - t0
+            text += c.delta.content or ""
+    return {"text": text, "tokens": tokens, "ttft": first, "end": time.perf_counter()}
+
+
+def run(base: str, prompts, max_tokens: int, concurrent: bool) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=base, api_key="-", max_retries=0)
+    ask(client, prompts[0], 0, 4)  # warm-up
+    t0 = time.perf_counter()
+    if concurrent:
+        out = [None] * len(prompts)
+
+        def one(i):
+            out[i] = ask(client, prompts[i], i, max_tokens)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        out = [ask(client, m, i, max_tokens) for i, m in enumerate(prompts)]
+    wall = max(r["end"] for r in out) - t0
+    ttft = [r["ttft"] for r in out if r["ttft"] is not None]
+    tokens = sum(r["tokens"] for r in out)
+    return {
+        "tok_s": tokens / wall,
+        "tokens": tokens,
+        "wall_s": wall,
+        "ttft_mean": statistics.mean(ttft),
+        "ttft_max": max(ttft),
+        "texts": [r["text"] for r in out],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="model dir for a quick smoke run (e.g. a tiny model)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--no-write", action="store_true", help="print results, leave docs/benchmarks.md alone")
+    args = p.parse_args()
+
+    import torch
+
+    from chatforge.data.tasks import make_task_data
+    from chatforge.evaluate import load_inference_model
+    from chatforge.serve.batch import Batched
+    from chatforge.serve.engine import Engine, OneAtATime
+
+    torch.manual_seed(0)
+    lm, tok = load_inference_model(args.model, "float32", "cpu")
+    engine = Engine(lm, tok, "bench")
+    sizes = {"sft": 0, "preference": 0, "rl": args.clients, "eval": 0}
+    items = make_task_data("mixed", seed=0, sizes=sizes)["rl"]
+    prompts = [[{"role": "user", "content": it["prompt"]}] for it in items][: args.clients]
+
+    got = {}
+    for name, scheduler, concurrent in (
+        ("one at a time", OneAtATime(engine), False),
+        (f"{args.clients} concurrent, batched", Batched(engine, args.clients), True),
+    ):
+        base, stop = serve(engine, scheduler)
+        got[name] = run(base, prompts, args.max_tokens, concurrent)
+        scheduler.close()
+        stop()
+    alone, batched = got.values()
+    same = alone["texts"] == batched["texts"]
+    print(json.dumps({k: {x: y for x, y in v.items() if x != "texts"} for k, v in got.items()}, indent=1))
+    print(f"speed-up {batched['tok_s'] / alone['tok_s']:.2f}x, answers identical: {same}")
+    if args.no_write:
+        return
+    lines = [
+        "## Serving: continuous batching vs one request at a time",
+        "",
+        f"Command: `{command_line()}` on {machine()}.",
+        f"SmolLM2-135M-Instruct float32, `chatforge serve`'s app (FastAPI/uvicorn) in process, the `openai` "
+        f"client streaming; {args.clients} chat requests (built-in task prompts, temperature 1, seed i, at "
+        f"most {args.max_tokens} tokens), one thread. Tokens/s: all completion tokens over the wall time "
+        "of all requests; time to first token: from sending a request to its first content chunk.",
+        "",
+        "| clients | server | tokens | wall s | total tok/s | TTFT mean s | TTFT max s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in got.items():
+        clients, server = ("1 (sequential)", "--max-batch 1") if not name.endswith("batched") else (
+            f"{args.clients} at once", f"--max-batch {args.clients}")  # fmt: skip
+        lines.append(
+            f"| {clients} | {server} | {r['tokens']} | {r['wall_s']:.1f} | {r['tok_s']:.1f} "
+            f"| {r['ttft_mean']:.2f} | {r['ttft_max']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Speed-up: {batched['tok_s'] / alone['tok_s']:.2f}x total tokens/s (goal: 4x). Answers identical in "
+        f"both runs: {'yes' if same else 'NO'} (each request draws from its own seeded RNG).",
+    ]
+    write_section("serve", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
