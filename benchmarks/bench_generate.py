@@ -46,6 +46,12 @@ def ours(greedy):
 def bare(greedy):
     ids, mask = left_pad(prompts, tok.pad_token_id)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    if "{cache}" != "dynamic":
+        kw["cache_implementation"] = "static"
+    if "{cache}" == "compiled":  # transformers compiles the decode forward of a static cache (inductor)
+        from transformers import CompileConfig
+        kw["compile_config"] = CompileConfig(mode="default")
+        kw["compile_config"]._compile_all_devices = True  # its switch for compiling on a CPU
     with torch.no_grad():
         out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens={new_tokens}, eos_token_id=stops,
                           pad_token_id=tok.pad_token_id, **kw)
@@ -55,13 +61,15 @@ def bare(greedy):
 run = {side}
 result = {{}}
 for mode in {modes}:
-    rates, tokens = [], None
+    rates, tokens, first = [], None, None
     for i in range({repeats} + 1):
         t = time.perf_counter()
         n, tokens = run(mode == "greedy")
         if i:
             rates.append(n / (time.perf_counter() - t))
-    result[mode] = {{"tok_s": statistics.median(rates), "tokens": tokens.tolist()}}
+        else:
+            first = time.perf_counter() - t
+    result[mode] = {{"tok_s": statistics.median(rates), "tokens": tokens.tolist(), "first_s": first}}
 print(json.dumps(result))
 """
 
@@ -74,6 +82,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model", default="default", help="model dir for a quick smoke run (e.g. a tiny model)")
     p.add_argument("--no-write", action="store_true", help="print results, leave docs/benchmarks.md alone")
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="also transformers with a StaticCache, and with it + torch.compile (batch 8 greedy only)",
+    )
     args = p.parse_args()
 
     rows = []
@@ -86,6 +99,7 @@ def main() -> None:
                 grpo=grpo,
                 new_tokens=NEW_TOKENS,
                 side=side,
+                cache="dynamic",
                 modes=modes,
                 repeats=args.repeats,
             )
@@ -94,7 +108,23 @@ def main() -> None:
             ours, bare = got["ours"][mode], got["bare"][mode]
             same = ours["tokens"] == bare["tokens"] if mode == "greedy" else None
             rows.append((shape, mode, ours["tok_s"], bare["tok_s"], same, got["ours"]["peak_rss_gib"]))
-    print(json.dumps(rows, indent=1))
+        if shape == "batch 8":
+            greedy = got
+    static = []  # (cache, tok/s, first call s, greedy tokens identical to chatforge's)
+    for cache in ("static", "compiled") if args.static else ():
+        code = SIDE.format(
+            model=args.model,
+            batch=BATCH,
+            grpo=False,
+            new_tokens=NEW_TOKENS,
+            side="bare",
+            cache=cache,
+            modes=["greedy"],
+            repeats=args.repeats,
+        )
+        r = run_child(code, python=PY)["greedy"]
+        static.append((cache, r["tok_s"], r["first_s"], r["tokens"] == greedy["ours"]["greedy"]["tokens"]))
+    print(json.dumps(rows, indent=1), json.dumps(static, indent=1))
     if args.no_write:
         return
     lines = [
@@ -120,6 +150,23 @@ def main() -> None:
         "values into preallocated buffers instead of concatenating them, and drops rows once they stop; "
         "transformers decodes all 8 rows until the last one stops (`chatforge.rl.engine`).",
     ]
+    if static:
+        ours = greedy["ours"]["greedy"]
+        lines += [
+            "",
+            "transformers' static cache, alone and with `torch.compile` of its decode step (inductor, "
+            "`CompileConfig(mode='default')`, compiling on a CPU switched on), batch 8 greedy; the first "
+            "call includes the compile:",
+            "",
+            "| side | tok/s after warm-up | first call s | greedy tokens identical to chatforge |",
+            "|---|---|---|---|",
+            f"| chatforge engine | {ours['tok_s']:.1f} | {ours['first_s']:.1f} | |",
+            f"| transformers, dynamic cache | {greedy['bare']['greedy']['tok_s']:.1f} "
+            f"| {greedy['bare']['greedy']['first_s']:.1f} | |",
+        ]
+        for cache, rate, first, same in static:
+            name = "static cache" if cache == "static" else "static cache + torch.compile"
+            lines.append(f"| transformers, {name} | {rate:.1f} | {first:.1f} | {'yes' if same else 'NO'} |")
     write_section("generate", "\n".join(lines))
 
 
