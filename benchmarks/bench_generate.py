@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_generate.py [--repeats 3] [--no-write]
     .venv/bin/python benchmarks/bench_generate.py --model /tmp/tiny --repeats 1 --no-write   # smoke
+    .venv/bin/python benchmarks/bench_generate.py --static [--repeats 1]   # static cache, torch.compile
 
 SmolLM2-135M-Instruct (the embedded default) in float32, built-in task prompts in the chat
 template, at most 48 new tokens, stop at end-of-turn, the same sampling settings on both sides:
@@ -13,7 +14,8 @@ template, at most 48 new tokens, stop at end-of-turn, the same sampling settings
 Generated tokens/s counts the tokens up to and including each row's first stop token, over the
 wall time of the call; median over `--repeats` calls after one warm-up call. Each side of each
 shape runs in its own child process (benchmarks/common.py), the sides alternating. Results go to
-docs/benchmarks.md.
+docs/benchmarks.md. `--static` instead compares, at batch 8 greedy, transformers with a static
+cache, alone and with its decode step compiled (`torch.compile`, compile time in the first call).
 """
 
 from __future__ import annotations
@@ -77,6 +79,48 @@ SHAPES = {"batch 8": (False, ["sampled", "greedy"]), "1 prompt x 8 answers": (Tr
 GOALS = {"batch 8": 1.5, "1 prompt x 8 answers": 2.0}
 
 
+def child(args, side: str, grpo: bool, modes: list[str], cache: str = "dynamic") -> dict:
+    code = SIDE.format(
+        model=args.model,
+        batch=BATCH,
+        grpo=grpo,
+        new_tokens=NEW_TOKENS,
+        side=side,
+        cache=cache,
+        modes=modes,
+        repeats=args.repeats,
+    )
+    return run_child(code, python=PY)
+
+
+def static_caches(args) -> None:
+    """Batch 8 greedy: chatforge and transformers with a dynamic cache, a static cache, and a static
+    cache with its decode step compiled; the first call (warm-up) includes the compile."""
+    sides = [("chatforge engine", "ours", "dynamic"), ("transformers, dynamic cache", "bare", "dynamic")]
+    sides += [("transformers, static cache", "bare", "static")]
+    sides += [("transformers, static cache + torch.compile", "bare", "compiled")]
+    got = {name: child(args, side, False, ["greedy"], cache)["greedy"] for name, side, cache in sides}
+    ours = got["chatforge engine"]["tokens"]
+    print(json.dumps({k: {x: y for x, y in v.items() if x != "tokens"} for k, v in got.items()}, indent=1))
+    if args.no_write:
+        return
+    lines = [
+        "## Generation: transformers' static cache and torch.compile on this CPU",
+        "",
+        f"Command: `{command_line()}` on {machine()}.",
+        f"Batch 8 greedy, otherwise as in the section above ({NEW_TOKENS} new tokens, float32, one thread, "
+        f"median of {args.repeats} calls after one warm-up call). Compiled: `CompileConfig(mode='default')` "
+        "with compiling on a CPU switched on (inductor); its first call includes the compile.",
+        "",
+        "| side | tok/s after warm-up | first call s | greedy tokens identical to chatforge's |",
+        "|---|---|---|---|",
+    ]
+    for name, r in got.items():
+        same = "" if name == "chatforge engine" else ("yes" if r["tokens"] == ours else "NO")
+        lines.append(f"| {name} | {r['tok_s']:.1f} | {r['first_s']:.1f} | {same} |")
+    write_section("generate-static", "\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -85,46 +129,20 @@ def main() -> None:
     p.add_argument(
         "--static",
         action="store_true",
-        help="also transformers with a StaticCache, and with it + torch.compile (batch 8 greedy only)",
+        help="instead: transformers with a static cache, and with it + torch.compile (batch 8 greedy)",
     )
     args = p.parse_args()
+    if args.static:
+        return static_caches(args)
 
     rows = []
     for shape, (grpo, modes) in SHAPES.items():
-        got = {}
-        for side in ("bare", "ours"):
-            code = SIDE.format(
-                model=args.model,
-                batch=BATCH,
-                grpo=grpo,
-                new_tokens=NEW_TOKENS,
-                side=side,
-                cache="dynamic",
-                modes=modes,
-                repeats=args.repeats,
-            )
-            got[side] = run_child(code, python=PY)
+        got = {side: child(args, side, grpo, modes) for side in ("bare", "ours")}
         for mode in modes:
             ours, bare = got["ours"][mode], got["bare"][mode]
             same = ours["tokens"] == bare["tokens"] if mode == "greedy" else None
             rows.append((shape, mode, ours["tok_s"], bare["tok_s"], same, got["ours"]["peak_rss_gib"]))
-        if shape == "batch 8":
-            greedy = got
-    static = []  # (cache, tok/s, first call s, greedy tokens identical to chatforge's)
-    for cache in ("static", "compiled") if args.static else ():
-        code = SIDE.format(
-            model=args.model,
-            batch=BATCH,
-            grpo=False,
-            new_tokens=NEW_TOKENS,
-            side="bare",
-            cache=cache,
-            modes=["greedy"],
-            repeats=args.repeats,
-        )
-        r = run_child(code, python=PY)["greedy"]
-        static.append((cache, r["tok_s"], r["first_s"], r["tokens"] == greedy["ours"]["greedy"]["tokens"]))
-    print(json.dumps(rows, indent=1), json.dumps(static, indent=1))
+    print(json.dumps(rows, indent=1))
     if args.no_write:
         return
     lines = [
@@ -150,23 +168,6 @@ def main() -> None:
         "values into preallocated buffers instead of concatenating them, and drops rows once they stop; "
         "transformers decodes all 8 rows until the last one stops (`chatforge.rl.engine`).",
     ]
-    if static:
-        ours = greedy["ours"]["greedy"]
-        lines += [
-            "",
-            "transformers' static cache, alone and with `torch.compile` of its decode step (inductor, "
-            "`CompileConfig(mode='default')`, compiling on a CPU switched on), batch 8 greedy; the first "
-            "call includes the compile:",
-            "",
-            "| side | tok/s after warm-up | first call s | greedy tokens identical to chatforge |",
-            "|---|---|---|---|",
-            f"| chatforge engine | {ours['tok_s']:.1f} | {ours['first_s']:.1f} | |",
-            f"| transformers, dynamic cache | {greedy['bare']['greedy']['tok_s']:.1f} "
-            f"| {greedy['bare']['greedy']['first_s']:.1f} | |",
-        ]
-        for cache, rate, first, same in static:
-            name = "static cache" if cache == "static" else "static cache + torch.compile"
-            lines.append(f"| transformers, {name} | {rate:.1f} | {first:.1f} | {'yes' if same else 'NO'} |")
     write_section("generate", "\n".join(lines))
 
 

@@ -36,6 +36,18 @@ class Watched(Batched):
         super()._release(row_id)
 
 
+class FailsOnce(Batched):
+    """Its first tick fails, as a model error mid-batch would."""
+
+    failed = False
+
+    def _tick(self):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("out of memory")
+        super()._tick()
+
+
 def _serve(engine, scheduler):
     app = server.create_app(engine, server.Guard(), scheduler, log=lambda _line: None)
     srv, sock = server.make_server(app, "127.0.0.1", 0)
@@ -154,6 +166,16 @@ def test_a_client_leaving_mid_stream_frees_its_row(engine, serving):
     assert r.choices[0].finish_reason in ("stop", "length")
     made, cancelled = batched.left[0]
     assert cancelled and made < 100  # the stream's row left early, so the second request got the slot
+
+
+def test_a_failure_mid_batch_answers_500_and_the_next_request_runs(engine, serving):
+    client = serving(FailsOnce(engine, max_batch=4))
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="tiny", messages=hi, max_tokens=3)
+    assert "out of memory" in str(e.value)
+    after = client.chat.completions.create(model="tiny", messages=hi, max_tokens=3).choices[0]
+    assert after.finish_reason in ("stop", "length")  # the batch was reset, the worker goes on
 
 
 def test_max_batch_one_and_prompt_learning_run_one_at_a_time(engine, tiny_model_dir):

@@ -105,19 +105,26 @@ class Batched:
                 return False
             block = False
             request = _Request(job, sum(len(samplings) for _, samplings in job.prompts))
-            index = 0
-            for ids, samplings in job.prompts:
-                scores = None
-                if job.prompt_top is not None and not job.cancelled.is_set():
-                    scores = self.engine.prompt_logprobs(ids, job.prompt_top)
-                for s in samplings:
-                    if scores is not None:
-                        job.emit((index, scores))
-                    if s.max_tokens == 0:
-                        self._finish(request)
-                    else:
-                        self.waiting.append(_Row(request, index, ids, Reply(self.engine, s)))
-                    index += 1
+            try:
+                self._queue(request)
+            except Exception as e:  # noqa: BLE001 - scoring its prompt failed: that request answers 500
+                self._end(request, e)
+
+    def _queue(self, request: _Request) -> None:
+        """Each choice of the request waits for a row (its prompt's scores emitted first, if asked)."""
+        job, index = request.job, 0
+        for ids, samplings in job.prompts:
+            scores = None
+            if job.prompt_top is not None and not job.cancelled.is_set():
+                scores = self.engine.prompt_logprobs(ids, job.prompt_top)
+            for s in samplings:
+                if scores is not None:
+                    job.emit((index, scores))
+                if s.max_tokens == 0:
+                    self._finish(request)
+                else:
+                    self.waiting.append(_Row(request, index, ids, Reply(self.engine, s)))
+                index += 1
 
     def _admit(self) -> None:
         """Prefill waiting rows (up to `max_batch` running) and join them to the running batch."""
