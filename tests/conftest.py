@@ -43,6 +43,21 @@ def jsonl(tmp_path):
     return _write
 
 
+# A rule reward for RL tests: the response contains the character "7" (a few byte-level tokens of the
+# tiny vocabulary), so a tiny random model can learn to raise it in a few steps.
+SEVEN_REWARD = (
+    "def has_seven(prompts, responses, answers):\n    return [float('7' in r) for r in responses]\n"
+)
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    """`PATH:has_seven`, a reward-function file for `ppo.reward_functions` / `grpo.reward_functions`."""
+    path = tmp_path / "rewards.py"
+    path.write_text(SEVEN_REWARD)
+    return f"{path}:has_seven"
+
+
 def metrics_of(out) -> list[dict]:
     from pathlib import Path
 

@@ -11,8 +11,6 @@ from chatforge.train import grpo
 from conftest import reward_that_raises, tiny_run_args
 
 PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
-# reward: the response contains the character "7" (a few byte-level tokens of the tiny vocabulary)
-REWARD = "def has_seven(prompts, responses, answers):\n    return [float('7' in r) for r in responses]\n"
 TIMING = ("time/", "tokens_per_s", "gen_tokens_per_s")
 
 
@@ -29,13 +27,6 @@ def overrides(model_dir, data, out, reward, *extra) -> list[str]:
 
 def config(model_dir, data, out, reward, *extra):
     return load_config(None, overrides(model_dir, data, out, reward, *extra))
-
-
-@pytest.fixture
-def reward_file(tmp_path):
-    path = tmp_path / "rewards.py"
-    path.write_text(REWARD)
-    return f"{path}:has_seven"
 
 
 def test_rule_reward_rises_and_everything_is_logged(tiny_model_dir, jsonl, reward_file, tmp_path):

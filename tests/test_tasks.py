@@ -8,19 +8,17 @@ import re
 
 import pytest
 
-from chatforge.data import tasks
+from chatforge.data import problems as problem_gen
+from chatforge.data.answers import extract_number, final_number, verify
+from chatforge.data.problems import split_of
 from chatforge.data.tasks import (
     DEFAULT_SIZES,
     SPLITS,
     TASKS,
-    extract_number,
-    final_number,
     generate,
     make_task_data,
     parse_sizes,
     sample,
-    split_of,
-    verify,
     write_task_data,
 )
 
@@ -136,7 +134,7 @@ def test_deterministic_per_seed_and_independent_splits():
 
 def test_split_of_fraction():
     share = sum(split_of(("k", i)) == "eval" for i in range(4000)) / 4000
-    assert abs(share - tasks.EVAL_FRACTION) < 0.03
+    assert abs(share - problem_gen.EVAL_FRACTION) < 0.03
 
 
 def test_train_and_eval_are_disjoint():
@@ -151,7 +149,7 @@ def test_train_and_eval_are_disjoint():
         assert not {p.prompt for p in train} & {p.prompt for p in evals}
     # Arithmetic names differ between splits as well.
     evals = [generate("arithmetic", rng, "eval").prompt for _ in range(300)]
-    assert not any(name in prompt.split() for prompt in evals for name in tasks._NAMES["train"])
+    assert not any(name in prompt.split() for prompt in evals for name in problem_gen._NAMES["train"])
 
 
 @pytest.mark.parametrize(
@@ -196,7 +194,9 @@ def test_final_number():
 def _frame(problem):
     """The prompt with its numbers, name and object replaced: what is left is the template."""
     text = re.sub(r"\d+", "#", problem.prompt)
-    words = [w for split in ("train", "eval") for w in tasks._NAMES[split] + tasks._OBJECTS[split]]
+    words = [
+        w for split in ("train", "eval") for w in problem_gen._NAMES[split] + problem_gen._OBJECTS[split]
+    ]
     return re.sub(r"\b(" + "|".join(words) + r")\b", "_", text)
 
 
@@ -207,11 +207,11 @@ def _ngrams(text, n=4):
 
 def test_arithmetic_eval_split_differs_in_names_objects_and_phrasing():
     for split in ("train", "eval"):
-        assert set(tasks._TEMPLATES[split]) == set(tasks._ARITHMETIC_KINDS)
-    assert not set(tasks._NAMES["train"]) & set(tasks._NAMES["eval"])
-    assert not set(tasks._OBJECTS["train"]) & set(tasks._OBJECTS["eval"])
-    train_t = [t for ts in tasks._TEMPLATES["train"].values() for t in ts]
-    eval_t = [t for ts in tasks._TEMPLATES["eval"].values() for t in ts]
+        assert set(problem_gen._TEMPLATES[split]) == set(problem_gen._ARITHMETIC_KINDS)
+    assert not set(problem_gen._NAMES["train"]) & set(problem_gen._NAMES["eval"])
+    assert not set(problem_gen._OBJECTS["train"]) & set(problem_gen._OBJECTS["eval"])
+    train_t = [t for ts in problem_gen._TEMPLATES["train"].values() for t in ts]
+    eval_t = [t for ts in problem_gen._TEMPLATES["eval"].values() for t in ts]
     assert not set(train_t) & set(eval_t)
     # Other phrasings, not the same sentences with a word swapped: no run of 4 words in common.
     shared = {g for t in train_t for g in _ngrams(t)} & {g for t in eval_t for g in _ngrams(t)}
@@ -222,9 +222,9 @@ def test_arithmetic_eval_split_differs_in_names_objects_and_phrasing():
     for problems, split in ((train, "train"), (evals, "eval")):
         words = {w for p in problems for w in re.findall(r"[A-Za-z]+", p.prompt)}
         other = "eval" if split == "train" else "train"
-        assert not words & set(tasks._NAMES[other] + tasks._OBJECTS[other]), split
+        assert not words & set(problem_gen._NAMES[other] + problem_gen._OBJECTS[other]), split
         # every template of the split is drawn
-        assert len({_frame(p) for p in problems}) == sum(map(len, tasks._TEMPLATES[split].values()))
+        assert len({_frame(p) for p in problems}) == sum(map(len, problem_gen._TEMPLATES[split].values()))
     assert not {_frame(p) for p in train} & {_frame(p) for p in evals}
     data = make_task_data("arithmetic", 0, {"sft": 300, "preference": 0, "rl": 100, "eval": 400})
     seen = {_frame_text(r["messages"][0]["content"]) for r in data["sft"]}
@@ -233,7 +233,7 @@ def test_arithmetic_eval_split_differs_in_names_objects_and_phrasing():
 
 
 def _frame_text(prompt):
-    return _frame(tasks.Problem("arithmetic", prompt, "", (), ()))
+    return _frame(problem_gen.Problem("arithmetic", prompt, "", (), ()))
 
 
 def _check_steps(solution, answer):

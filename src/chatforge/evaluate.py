@@ -152,7 +152,8 @@ def generate_answers(
 
 def accuracy(items: list[dict], responses: list[str]) -> dict:
     """Exact-answer accuracy overall and per task, with n and the binomial standard error."""
-    from chatforge.data.tasks import TASKS, verify
+    from chatforge.data.answers import verify
+    from chatforge.data.tasks import TASKS
 
     correct = [
         verify(it["task"] if it["task"] in TASKS else "mixed", r, it["answer"])

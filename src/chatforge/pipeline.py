@@ -87,7 +87,8 @@ def check(cfg: Config) -> None:
 # ---- data ----------------------------------------------------------------------------------------
 def write_data(cfg: Config, run: Path) -> dict[str, Path]:
     """The built-in task files in RUN/data (written once), plus held-out preference pairs."""
-    from chatforge.data.tasks import generate, verify, write_task_data
+    from chatforge.data.answers import verify
+    from chatforge.data.tasks import generate, write_task_data
 
     out = run / "data"
     names = ("sft", "preference", "rl", "eval", "preference_eval")

@@ -34,14 +34,21 @@ from chatforge.rl.types import Experience, Rollout
 def sample(roles, prompts, gen_cfg, batch_size: int | None = None, row_seeds: list[int] | None = None):
     """The actor's responses to `prompts` (PromptItem list) -> `rl.generate.Generated`; `row_seeds`
     gives each row its own random draws (`generate.seed_per_row`)."""
+    with roles.use("actor"):
+        return sample_from(roles.policy.lm, roles.tokenizer, prompts, gen_cfg, batch_size, row_seeds)
+
+
+def sample_from(lm, tokenizer, prompts, gen_cfg, batch_size: int | None = None, row_seeds=None):
+    """`lm`'s responses to `prompts` under `gen_cfg` (its LoRA folded in for sampling when
+    `generate.merge_lora` says so) -> `rl.generate.Generated`."""
     from chatforge.models.adapters import merge_for_generation, sampling_model
     from chatforge.rl.generate import generate
 
-    merge = merge_for_generation(gen_cfg.merge_lora, roles.device)
-    with roles.use("actor"), sampling_model(roles.policy.lm, merge) as lm:
+    merge = merge_for_generation(gen_cfg.merge_lora, next(lm.parameters()).device)
+    with sampling_model(lm, merge) as sampler:
         return generate(
-            lm,
-            roles.tokenizer,
+            sampler,
+            tokenizer,
             [p.ids for p in prompts],
             gen_cfg.max_new_tokens,
             gen_cfg.temperature,
@@ -68,24 +75,10 @@ def group_rollout(
 
     Returns (Generated, rewards (B,), per-function reward means, advantages (B,), timings).
     """
-    from chatforge.models.adapters import merge_for_generation, sampling_model
     from chatforge.rl.advantages import group_advantages
-    from chatforge.rl.generate import generate
 
     t0 = time.perf_counter()
-    merge = merge_for_generation(gen_cfg.merge_lora, next(lm.parameters()).device)
-    with sampling_model(lm, merge) as sampler:
-        gen = generate(
-            sampler,
-            tokenizer,
-            [p.ids for p in group],
-            gen_cfg.max_new_tokens,
-            gen_cfg.temperature,
-            gen_cfg.top_p,
-            gen_cfg.top_k,
-            batch_size=batch_size or None,
-            row_seeds=row_seeds,
-        )
+    gen = sample_from(lm, tokenizer, group, gen_cfg, batch_size, row_seeds)
     t1 = time.perf_counter()
     rewards, parts = scorer(group, gen.texts)
     rewards_t = torch.tensor(rewards, dtype=torch.float32)

@@ -51,7 +51,7 @@ def exact_match(prompts: list[str], responses: list[str], answers: list) -> list
     >>> exact_match(["2+3?", "2+3?"], [" 5.", "It is 5"], ["5", "5"])
     [1.0, 0.0]
     """
-    from chatforge.data.tasks import verify
+    from chatforge.data.answers import verify
 
     return [float(a is not None and verify("mixed", r, a)) for r, a in zip(responses, answers)]
 
@@ -62,7 +62,7 @@ def numeric_match(prompts: list[str], responses: list[str], answers: list) -> li
     >>> numeric_match(["q", "q", "q"], ["The answer is 1,200.", "12", "none"], ["1200", "1200", "1"])
     [1.0, 0.0, 0.0]
     """
-    from chatforge.data.tasks import extract_number
+    from chatforge.data.answers import extract_number
 
     out = []
     for r, a in zip(responses, answers):
@@ -81,7 +81,7 @@ def final_answer(prompts: list[str], responses: list[str], answers: list) -> lis
     >>> final_answer(["q"] * 3, ["3 x 6 = 18. 18 + 4 = 22. The answer is 22.", "22", "18 + 4 = 23."], ["22"] * 3)
     [1.0, 1.0, 0.0]
     """
-    from chatforge.data.tasks import verify
+    from chatforge.data.answers import verify
 
     return [float(a is not None and verify("arithmetic", r, a)) for r, a in zip(responses, answers)]
 
