@@ -142,7 +142,8 @@ def main() -> None:
     if args.no_write:
         return
     lines = [
-        "## Serving: continuous batching vs one request at a time",
+        "## Serving: continuous batching vs one request at a time"
+        + (f" ({args.rounds} requests per client)" if args.rounds > 1 else ""),
         "",
         f"Command: `{command_line()}` on {machine()}.",
         f"SmolLM2-135M-Instruct float32, `chatforge serve`'s app (FastAPI/uvicorn) in process, the `openai` "
