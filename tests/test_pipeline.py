@@ -9,6 +9,7 @@ from chatforge import pipeline
 from chatforge.config import load_config
 from chatforge.errors import ConfigError
 from chatforge.train.loop import Trainer
+from test_tracking import tensorboard_scalars
 
 SIZES = "{sft: 16, preference: 16, rl: 8, eval: 6}"
 
@@ -53,6 +54,8 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path, mon
     report = Path(pipeline.run(cfg))
     for stage in ("sft", "rm", "ppo", "dpo", "grpo"):
         assert (run / stage / "final").is_dir() and (run / stage / "done").is_file()
+        # every stage logs through train.report_to (tensorboard by default)
+        assert [s for s, _ in tensorboard_scalars(run / stage / "tensorboard")["loss"]] == steps(run / stage)
     # SFT feeds the later stages through its merged adapter; the RM scores every evaluated policy.
     assert json.loads((run / "sft" / "done").read_text())["model"] == str(run / "sft" / "merged")
     ppo_cfg = load_config(run / "ppo" / "config.yaml")

@@ -6,8 +6,11 @@ import re
 
 import yaml
 
+from chatforge import cli
+from chatforge.config import load_config, save_config
 from chatforge.evaluate import accuracy
 from chatforge.report import write_report
+from chatforge.report.plots import stage_figure
 
 ITEMS = [{"prompt": f"What is {i} + 1? Answer with just the number.", "answer": str(i + 1)} for i in range(4)]
 
@@ -24,6 +27,22 @@ def _eval(run, label, responses, reward, scores=None):
         "wall_s": 2.0,
     }
     (run / "eval" / f"{label}.json").write_text(json.dumps(result))
+
+
+def sample_sections(md: str) -> dict[str, list[str]]:
+    """'before -> after' -> the two answer cells of each row of that samples table."""
+    part = md.split("## Sample answers, each model against the one before it")[1].split("\n## ")[0]
+    out = {}
+    for section in part.split("### ")[1:]:
+        title, *lines = section.splitlines()
+        rows = [line for line in lines if line.startswith("| What")]
+        out[title] = [" | ".join(c.strip() for c in r.strip("|").split(" | ")[2:]) for r in rows]
+    return out
+
+
+def config_section(md: str) -> dict:
+    """The YAML block of the report's Config section."""
+    return yaml.safe_load(md.split("## Config")[1].split("```yaml\n")[1].split("```")[0])
 
 
 def _metrics(path, rows):
@@ -82,12 +101,13 @@ def test_report_tables_plots_samples_and_self_contained_html(tmp_path):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(images) == ["plots/accuracy.png", "plots/ppo.png", "plots/rm.png", "plots/sft.png"]
     assert all((run / p).stat().st_size > 1000 for p in images)
-    # samples: items whose correctness changed between base and ppo come first, limited to 2
-    section = md.split("## Sample answers: base vs ppo")[1].split("##")[0]
-    rows = [r for r in section.splitlines() if r.startswith("| What")]
-    assert len(rows) == 2 and "✗ The answer is 1. | ✓ 1 |" in rows[0]
-    # exact config at the end; the HTML embeds every plot and links nothing
-    assert "lr: 0.001" in md and "lr: 0.001" in page
+    # samples: each model against the one before it, the items whose correctness changed first
+    assert sample_sections(md) == {
+        "base -> sft": ["✗ The answer is 1. | ✓ 1", "✗ two | ✓ 2"],
+        "sft -> ppo": ["✗ 5 | ✓ 3", "✓ 1 | ✓ 1"],
+    }
+    # the config at the end, only what differs from the defaults; the HTML embeds every plot
+    assert config_section(md) == cfg and "lr: 0.001" in page
     assert page.count('src="data:image/png;base64,') == 4 and 'src="plots' not in page
 
 
@@ -110,4 +130,91 @@ def test_sft_same_time_row_is_compared_with_the_rl_model(tmp_path):
     assert "| 1/4 |" in row and f"-0.500 ({-0.5 / (math.sqrt(1 / 3) / 2):+.1f} paired s.e." in row
     assert "3 more steps (118 s) in place of rm, ppo (120 s)" in md and "change is against ppo" in md
     assert "| sft_same_time | done | 3 | 118 |" in md  # its steps and time in the stage table
-    assert "Sample answers: sft vs ppo" in md  # the samples still show the pipeline's own stages
+    assert list(sample_sections(md)) == ["sft -> ppo"]  # the pipeline's own stages only
+
+
+def test_models_follow_the_pipeline_order_each_against_the_one_it_was_trained_from(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "data").mkdir()
+    (run / "data" / "eval.jsonl").write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
+    cfg = {"pipeline": {"stages": ["sft", "ppo", "dpo"], "samples": 1}}  # dpo trains on from ppo
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for label, answers in (("base", "0000"), ("sft", "1200"), ("ppo", "1230"), ("dpo", "1234")):
+        (run / label).mkdir()
+        _eval(run, label, list(answers), 0.0)
+    md = write_report(run).read_text()
+    table = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "/4 |" in line]
+    assert table == ["| base", "| sft", "| ppo", "| dpo"]
+    assert sample_sections(md) == {
+        "base -> sft": ["✗ 0 | ✓ 1"],
+        "sft -> ppo": ["✗ 0 | ✓ 3"],
+        "ppo -> dpo": ["✗ 0 | ✓ 4"],
+    }
+
+
+def panel_axes(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+
+
+def test_reward_model_panels_keep_accuracy_and_scores_apart_with_units():
+    rows = [
+        {"step": s, "loss": 0.7 / s, "rewards/chosen": 4.0 + s, "rewards/rejected": 2.0}
+        | {"rewards/margin": 2.0 + s, "rewards/accuracy": 0.5 + s / 10, "lr": 1e-3}
+        for s in (1, 2)
+    ]
+    axes = panel_axes(stage_figure(rows, "rm"))
+    assert list(axes) == ["rm: loss", "rm: reward", "rm: accuracy"]
+    assert [line.get_label() for line in axes["rm: accuracy"].lines] == ["rewards/accuracy"]
+    assert [line.get_label() for line in axes["rm: reward"].lines] == [
+        "rewards/chosen",
+        "rewards/margin",
+        "rewards/rejected",
+    ]
+    assert [ax.get_ylabel() for ax in axes.values()] == [
+        "loss (nats per pair)",
+        "reward-model score (logit)",
+        "pair accuracy (fraction, 0-1)",
+    ]
+    assert {ax.get_xlabel() for ax in axes.values()} == {"optimizer step"}
+
+
+def test_every_listed_ppo_reward_series_is_drawn():
+    # reward, reward_raw and reward/model are the same numbers when nothing is clipped: drawn
+    # separately, two of the four listed series hid behind the third
+    rows = [
+        {"step": s, "reward": r, "reward_raw": r, "reward/model": r, "non_score_reward": -0.01 * s}
+        | {"kl": 0.1 * s, "kl_per_token": 0.02 * s, "approx_kl": 0.001, "kl_coef": 0.05}
+        | {"loss": 0.3, "policy_loss": 0.1, "value_loss": 0.4}
+        for s, r in ((1, 0.5), (2, 0.7), (3, 0.6))
+    ]
+    axes = panel_axes(stage_figure(rows, "ppo"))
+    reward = axes["ppo: reward"]
+    legend = [t.get_text() for t in reward.get_legend().get_texts()]
+    assert legend == [line.get_label() for line in reward.lines]
+    assert legend == ["non_score_reward", "reward = reward/model = reward_raw"]
+    drawn = [tuple(line.get_ydata()) for ax in axes.values() for line in ax.lines]
+    assert len(set(drawn)) == len(drawn)  # no line lies on another
+    assert {title: ax.get_ylabel() for title, ax in axes.items()} == {
+        "ppo: loss": "loss (objective per token)",
+        "ppo: reward": "reward (score per answer)",
+        "ppo: KL to reference": "KL to reference (nats per answer)",
+        "ppo: KL to reference per token": "KL to reference (nats per token)",
+        "ppo: policy change per update": "KL, updated vs rollout policy (nats per token)",
+    }
+
+
+def test_config_section_shows_the_non_default_keys_and_the_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = [f"train.output_dir={run}", "train.lr=1e-3", "peft.r=16", "pipeline.stages=[sft]"]
+    save_config(load_config(None, overrides), run / "config.yaml")  # every default written out
+    assert cli.main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    # peft.r=16 is the default: not shown
+    assert config_section(md) == {
+        "train": {"output_dir": str(run), "lr": 0.001},
+        "pipeline": {"stages": ["sft"]},
+    }
+    assert f"Reproduce the run with `chatforge pipeline {run / 'config.yaml'}`" in md
+    assert cli.main(["report", str(tmp_path / "nowhere")]) != 0
+    assert capsys.readouterr().err.strip().endswith("nowhere: no such run folder")

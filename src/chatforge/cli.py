@@ -67,6 +67,7 @@ TOOLS = {
         "chatforge.export.gguf:main",
     ),
     "eval": ("accuracy, reward and perplexity of a model", "chatforge.evaluate:main"),
+    "report": ("(re)write a pipeline run's report.md and report.html: report RUN", "chatforge.report:main"),
     "chat": ("chat with a model in the terminal", "chatforge.serve.chat:main"),
     "serve": ("OpenAI-compatible HTTP server", "chatforge.serve.server:main"),
     "data": (

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.errors import ConfigError
+from chatforge.tracking import TRACKERS
 
 
 def opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002
@@ -122,6 +123,12 @@ class TrainConfig:
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     progress: bool = opt(True, "show a progress bar")
+    report_to: list[str] = opt(
+        ["tensorboard"],
+        "experiment trackers the metrics also go to: tensorboard (OUTPUT/tensorboard), wandb, mlflow, "
+        "trackio, or none; all but tensorboard are extras, e.g. pip install 'chatforge[wandb]'",
+    )
+    project: str = opt("chatforge", "tracker project: the wandb/trackio project, the mlflow experiment")
 
 
 @dataclass
@@ -276,7 +283,7 @@ class PipelineConfig:
     eval_max_new_tokens: int = opt(32, "answer length limit in evaluation (greedy decoding)")
     eval_batch_size: int = opt(16, "prompts per generation batch in evaluation")
     eval_limit: int = opt(0, "evaluate only the first N eval items; 0 = all")
-    samples: int = opt(6, "before/after sample answers shown in the report")
+    samples: int = opt(6, "sample answers the report shows for each model against the one before it")
     sft_same_time: bool = opt(
         False,
         "also train the SFT model on with SFT for the wall time the stages after SFT took, and report "
@@ -334,6 +341,11 @@ _RULES = [
     ("train.keep_last", lambda v: v >= 1, "at least 1 (the newest checkpoint is what a resume needs)"),
     ("train.device", lambda v: _DEVICE.match(v) is not None, "auto, cpu, cuda, cuda:N, mps or xpu[:N]"),
     ("train.warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (
+        "train.report_to",
+        lambda v: set(v) <= {*TRACKERS, "none"} and not ("none" in v and len(v) > 1),
+        f"a list of {', '.join(TRACKERS)}, or none",
+    ),
     ("peft.r", lambda v: v > 0, "a positive integer"),
     ("peft.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data.eval_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -33,6 +33,7 @@ import random
 import time
 from pathlib import Path
 
+from chatforge import tracking
 from chatforge.config import Config, build_config, save_config, to_flat
 from chatforge.errors import ConfigError
 
@@ -63,6 +64,7 @@ def check(cfg: Config) -> None:
     for stage in p.stages:
         if importlib.util.find_spec(STAGES[stage][0].split(":")[0]) is None:
             raise ConfigError(f"pipeline: stage '{stage}' is not available in this chatforge install")
+    tracking.check(cfg.train.report_to)  # before evaluating the base model, not at the first stage
     if len(set(p.stages)) != len(p.stages):
         raise ConfigError("pipeline.stages lists a stage twice")
     if "ppo" in p.stages and "rm" in p.stages and p.stages.index("rm") > p.stages.index("ppo"):

@@ -37,6 +37,8 @@ OPERATIONAL = {
     "train.resume",
     "train.overwrite",
     "train.progress",
+    "train.report_to",
+    "train.project",
     "train.log_every",
     "train.eval_every",
     "train.save_every",

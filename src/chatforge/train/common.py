@@ -51,10 +51,11 @@ def start_run(cfg: Config, stage: str) -> Path:
     """Check the output dir can be written and seed every RNG (before models exist). Nothing is
     written yet: the stage's `Trainer` writes the config once the model and data are loaded and
     checked, so a run that fails before that leaves the dir (and an earlier run's files) as it was."""
-    from chatforge import allocator
+    from chatforge import allocator, tracking
     from chatforge.train.dist import check_supported
 
     check_supported(stage, cfg.dist.strategy, cfg.dist.offload)
+    tracking.check(cfg.train.report_to)
     seed_everything(cfg.train.seed)
     log(allocator.describe())
     out = Path(cfg.train.output_dir)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from chatforge import tracking
 from chatforge.errors import ChatforgeError
 from chatforge.train import checkpoint as ck
 from chatforge.train import dist as sharding
@@ -113,7 +114,10 @@ class Trainer:
             if reset is not None:
                 reset()
         self.acc = Accelerator(
-            mixed_precision="no" if mp == "none" else mp, cpu=device.type == "cpu", kwargs_handlers=handlers
+            mixed_precision="no" if mp == "none" else mp,
+            cpu=device.type == "cpu",
+            kwargs_handlers=handlers,
+            log_with=tracking.log_with(tcfg.report_to, self.out),
         )
         torch.manual_seed(tcfg.seed)
         strategy = sharding.resolve(dist.strategy if dist else "auto", self.acc.num_processes)
@@ -138,7 +142,7 @@ class Trainer:
         self.step = 0
         self._start_step = 0  # metrics logged after this by an earlier run in the same dir are stale
         self._metrics_open = False
-        self.writer = None
+        self._tracking = False  # the trackers' run opens at the first log
         self._bar = None
         self._last_log = (time.perf_counter(), 0)
         self._tokens = 0
@@ -318,13 +322,12 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         with ck.writing(path, "the metrics", temporary=False), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self.writer.add_scalar(k, v, step)
+        if not self._tracking:
+            tracking.start(self.acc, self.cfg.project, self.out, self.identity or {})
+            self._tracking = True
+        self.acc.log(
+            {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step
+        )
         if self._bar is not None:
             shown = {
                 k: f"{v:.4g}"
@@ -347,8 +350,9 @@ class Trainer:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self._tracking:
+            tracking.finish(self.acc)
+            self._tracking = False
 
     # ---- checkpoints ------------------------------------------------------------------------
     @property

@@ -1,33 +1,20 @@
-"""The run report: `RUN/report.md` and a self-contained `RUN/report.html` (plots embedded as base64).
+"""What the run report says, as blocks (`build(RUN)`), read only from what the pipeline left on disk:
 
-`write_report(RUN)` reads only what the pipeline left on disk, so it can be re-run at any time
-(`python -m chatforge.report RUN`):
-
-    RUN/config.yaml                the exact config, shown at the end
-    RUN/eval/<label>.json          held-out answers, exact accuracy (+ reward) per model: base, sft, ppo...
-    RUN/eval/rm.json               reward-model pair accuracy on held-out pairs
-    RUN/<stage>/done               wall time, peak memory, final dir of each finished stage
-    RUN/<stage>/metrics.jsonl      training curves: loss, reward, KL, accuracy, tokens/s
-
-Plots are PNGs drawn with matplotlib's headless Agg backend into `RUN/plots/`.
+RUN/config.yaml                the run's config: its keys that differ from the defaults are shown
+RUN/eval/<label>.json          held-out answers, exact accuracy (+ reward) per model: base, sft, ppo...
+RUN/eval/rm.json               reward-model pair accuracy on held-out pairs
+RUN/<stage>/done               wall time, peak memory, final dir of each finished stage
+RUN/<stage>/metrics.jsonl      training curves: loss, reward, KL, accuracy, tokens/s
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
-import sys
 from pathlib import Path
 
-# Curve groups: a metric key joins the first group whose test it passes.
-CURVES = [
-    ("loss", lambda k: k == "loss" or k.endswith("/loss") or k.endswith("_loss")),
-    ("reward", lambda k: "reward" in k and "std" not in k and "/rejected" not in k),
-    ("KL", lambda k: "kl" in k.lower() and "coef" not in k),
-    ("accuracy", lambda k: "acc" in k),
-]
+from chatforge.report import plots
+
 # sft_same_time (pipeline.sft_same_time) comes last: it is compared with the model above it
 SAME_TIME = "sft_same_time"
 LABEL_ORDER = ["base", "pretrain", "sft", "dpo", "ppo", "grpo", SAME_TIME]
@@ -73,71 +60,15 @@ def _config(run: Path) -> dict:
 
 
 def evaluations(run: Path) -> dict[str, dict]:
-    """label -> eval result, in pipeline order (base first)."""
+    """label -> eval result, in pipeline order (base first, then the stages as pipeline.stages lists
+    them, so each model follows the one it was trained from; sft_same_time last)."""
     found = {p.stem: _read_json(p) for p in (run / "eval").glob("*.json") if p.stem != "rm"}
     found = {k: v for k, v in found.items() if v and "exact" in v}
-    rank = {label: i for i, label in enumerate(LABEL_ORDER)}
+    rank: dict[str, int] = {}
+    listed = [s for s in stages_of(run) if s != SAME_TIME]
+    for i, label in enumerate(["base", *listed, *LABEL_ORDER]):
+        rank.setdefault(label, i)
     return dict(sorted(found.items(), key=lambda kv: (rank.get(kv[0], 99), kv[0])))
-
-
-# ---- plots ---------------------------------------------------------------------------------------
-def plot_stage(rows: list[dict], title: str, out: Path) -> Path | None:
-    """One PNG with a panel per curve group found in `rows`; None when there is nothing to draw."""
-    groups = []
-    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
-    for name, test in CURVES:
-        members = [k for k in keys if test(k) and not any(k in g for _, g in groups)]
-        if members:
-            groups.append((name, members[:6]))
-    if not groups:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
-    for ax, (name, members) in zip(axes[0], groups):
-        for k in members:
-            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and "step" in r]
-            pts = [(s, v) for s, v in pts if math.isfinite(v)]
-            if pts:
-                style = "o-" if len(pts) < 12 else "-"
-                ax.plot(*zip(*pts), style, label=k, markersize=3, linewidth=1.2)
-        ax.set_title(f"{title}: {name}", fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
-
-
-def plot_accuracy(evals: dict[str, dict], out: Path) -> Path | None:
-    """Held-out accuracy per model with 2-standard-error bars."""
-    if not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(evals)
-    acc = [evals[k]["exact"]["accuracy"] for k in labels]
-    err = [2 * evals[k]["exact"]["stderr"] for k in labels]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(labels), 3.2))
-    ax.bar(labels, acc, yerr=err, capsize=4, color="#4c72b0")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("held-out exact accuracy")
-    ax.set_title("accuracy after each stage (bars: ±2 s.e.)", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
 
 
 # ---- content -------------------------------------------------------------------------------------
@@ -235,7 +166,7 @@ def _mean(values: list[float]) -> float | None:
 
 def build(run: Path) -> list[tuple]:
     """The report as blocks: ("h", level, text), ("p", text), ("table", head, rows), ("img", path),
-    ("pre", text)."""
+    ("pre", language, text)."""
     blocks: list[tuple] = [("h", 1, f"chatforge run report: {run.name}")]
     cfg = _config(run)
     stages = stages_of(run)
@@ -306,7 +237,7 @@ def build(run: Path) -> list[tuple]:
                 for label, e in evals.items()
             ]
             blocks.append(("table", ["model", *tasks], rows))
-        img = plot_accuracy(evals, run / "plots" / "accuracy.png")
+        img = plots.save(plots.accuracy_figure(evals), run / "plots" / "accuracy.png")
         if img:
             blocks.append(("img", img))
     else:
@@ -355,37 +286,77 @@ def build(run: Path) -> list[tuple]:
     )
 
     curves = [
-        (s, plot_stage(read_metrics(run / s / "metrics.jsonl"), s, run / "plots" / f"{s}.png"))
+        plots.save(plots.stage_figure(read_metrics(run / s / "metrics.jsonl"), s), run / "plots" / f"{s}.png")
         for s in stages
     ]
-    if any(img for _, img in curves):
+    if any(curves):
         blocks.append(("h", 2, "Training curves"))
-        blocks += [("img", img) for _, img in curves if img]
+        blocks += [("img", img) for img in curves if img]
 
     samples = int((cfg.get("pipeline") or {}).get("samples", 6))
-    if len(evals) > 1 and samples:
-        shown = [k for k in evals if k != SAME_TIME]
-        first, last = shown[0], shown[-1]
-        a, b = evals[first], evals[last]
-        items = _eval_items(a.get("data"))
-        # Prefer items whose correctness changed, then the rest, in file order.
-        order = sorted(
-            range(min(len(a["responses"]), len(b["responses"]))),
-            key=lambda i: a["exact"]["is_correct"][i] == b["exact"]["is_correct"][i],
-        )
-        rows = []
-        for i in order[:samples]:
-            prompt, answer = items[i] if i < len(items) else ("?", "?")
-            rows.append([prompt, answer, _marked(a, i), _marked(b, i)])
-        blocks.append(("h", 2, f"Sample answers: {first} vs {last}"))
-        blocks.append(("table", ["prompt", "expected", first, last], rows))
+    shown = [k for k in evals if k != SAME_TIME]
+    if len(shown) > 1 and samples:
+        blocks.append(("h", 2, "Sample answers, each model against the one before it"))
+        for before, after in zip(shown, shown[1:]):
+            blocks.append(("h", 3, f"{before} -> {after}"))
+            blocks.append(
+                (
+                    "table",
+                    ["prompt", "expected", before, after],
+                    sample_rows(evals[before], evals[after], samples),
+                )
+            )
 
     if cfg:
         import yaml
 
-        blocks.append(("h", 2, "Exact config"))
-        blocks.append(("pre", yaml.safe_dump(cfg, sort_keys=False)))
+        changed = non_default(cfg)
+        blocks.append(("h", 2, "Config"))
+        blocks.append(
+            (
+                "p",
+                f"Reproduce the run with `chatforge pipeline {run / 'config.yaml'}` (that file holds the "
+                "whole config, every default written out). The keys this run sets away from the defaults:",
+            )
+        )
+        blocks.append(("pre", "yaml", yaml.safe_dump(changed, sort_keys=False) if changed else "{}\n"))
     return blocks
+
+
+def sample_rows(before: dict, after: dict, limit: int) -> list[list[str]]:
+    """Up to `limit` rows (prompt, expected, answer before, answer after) of two models' eval results,
+    the items whose correctness changed first, then the rest, in file order."""
+    items = _eval_items(after.get("data") or before.get("data"))
+    n = min(len(before["responses"]), len(after["responses"]))
+    a, b = before["exact"]["is_correct"], after["exact"]["is_correct"]
+    order = sorted(range(n), key=lambda i: a[i] == b[i])
+    rows = []
+    for i in order[:limit]:
+        prompt, answer = items[i] if i < len(items) else ("?", "?")
+        rows.append([prompt, answer, _marked(before, i), _marked(after, i)])
+    return rows
+
+
+def non_default(cfg: dict) -> dict:
+    """The sections and keys of a config tree whose values differ from the schema's defaults (keys
+    the schema does not know are kept too).
+
+    >>> non_default({"train": {"lr": 0.001, "seed": 42}, "peft": {"method": "lora"}})
+    {'train': {'lr': 0.001}}
+    """
+    from chatforge.config import Config, to_dict
+
+    defaults = to_dict(Config())
+    out = {}
+    for section, body in cfg.items():
+        if not isinstance(body, dict):
+            out[section] = body
+            continue
+        known = defaults.get(section, {})
+        changed = {k: v for k, v in body.items() if k not in known or known[k] != v}
+        if changed:
+            out[section] = changed
+    return out
 
 
 def _marked(result: dict, i: int) -> str:
@@ -405,59 +376,6 @@ def _eval_items(path: str | None) -> list[tuple[str, str]]:
             text = p if isinstance(p, str) else (p[-1].get("content", "") if p else "")
             out.append((text, str(rec.get("answer", ""))))
     return out
-
-
-# ---- rendering -----------------------------------------------------------------------------------
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def to_markdown(blocks: list[tuple], run: Path) -> str:
-    out = []
-    for b in blocks:
-        if b[0] == "h":
-            out.append(f"{'#' * b[1]} {b[2]}\n")
-        elif b[0] == "p":
-            out.append(f"{b[1]}\n")
-        elif b[0] == "table":
-            out.append("| " + " | ".join(map(_md_cell, b[1])) + " |")
-            out.append("|" + "---|" * len(b[1]))
-            out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in b[2]]
-            out.append("")
-        elif b[0] == "img":
-            out.append(f"![{b[1].stem}]({b[1].relative_to(run)})\n")
-        elif b[0] == "pre":
-            out.append(f"```yaml\n{b[1]}```\n")
-    return "\n".join(out)
-
-
-def to_html(blocks: list[tuple]) -> str:
-    e = html.escape
-    body = []
-    for b in blocks:
-        if b[0] == "h":
-            body.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
-        elif b[0] == "p":
-            body.append(f"<p>{e(b[1])}</p>")
-        elif b[0] == "table":
-            head = "".join(f"<th>{e(str(c))}</th>" for c in b[1])
-            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
-            body.append(f"<table><tr>{head}</tr>{rows}</table>")
-        elif b[0] == "img":
-            data = base64.b64encode(b[1].read_bytes()).decode()
-            body.append(f'<img alt="{e(b[1].stem)}" src="data:image/png;base64,{data}">')
-        elif b[0] == "pre":
-            body.append(f"<pre>{e(b[1])}</pre>")
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "font-size:13px;text-align:left}img{max-width:100%;display:block;margin:1em 0}"
-        "pre{background:#f6f6f6;padding:1em;font-size:12px;overflow:auto}"
-    )
-    return (
-        '<!doctype html><html><head><meta charset="utf-8"><title>chatforge report</title>'
-        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    )
 
 
 def held_out_line(stage: str, evals: dict[str, dict], rm: dict | None) -> str | None:
@@ -484,21 +402,3 @@ def update_cards(run: Path) -> None:
         final = run / stage / "final"
         if final.is_dir():
             write_card(final, run / stage, held_out_line(stage, evals, rm))
-
-
-def write_report(run: str | Path) -> Path:
-    """Write RUN/report.md and RUN/report.html (atomically), and refresh the stages' model cards;
-    returns the .md path."""
-    run = Path(run)
-    blocks = build(run)
-    update_cards(run)
-    md, page = run / "report.md", run / "report.html"
-    for path, text in ((md, to_markdown(blocks, run)), (page, to_html(blocks))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    return md
-
-
-if __name__ == "__main__":
-    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "."))
