@@ -2,7 +2,10 @@
 
 This module knows nothing about training: it turns prompts into responses. Log-probs for learning
 are recomputed by the training forward path (`chatforge.models.logprobs`), so rollout and learning
-agree exactly.
+agree exactly. Decoding runs on `rl.engine` (a prompt repeated in a batch is prefilled once, a
+preallocated KV cache, finished rows leave the batch), or on transformers' `generate` for what the
+engine does not cover (prompt-learning adapters, encoder-decoders, logits processors set in the
+model's generation config) or when asked (`engine=False`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from chatforge.data.templates import stop_token_ids
+from chatforge.rl.engine import Sampling, decode
 
 
 @dataclass
@@ -155,11 +159,14 @@ def generate(
     greedy: bool = False,
     batch_size: int | None = None,
     row_seeds: list[int] | None = None,
+    engine: bool = True,
 ) -> Generated:
     """Sample one response per prompt (token id lists) with the model's KV cache.
 
     `row_seeds` (one per prompt) makes each response's random draws its own: the same answers
     whatever `batch_size` or the other prompts in the batch (up to float rounding of the logits).
+    `engine`: decode with `rl.engine` where it applies (`engine_applies`), else transformers'
+    `generate`; both give the same law of tokens (greedy: the same tokens).
     """
     device = next(lm.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -170,26 +177,21 @@ def generate(
     t0 = time.perf_counter()
     n_tokens = 0
     step = batch_size or len(prompts)
+    sampling = Sampling(greedy, temperature, top_k, top_p)
+    use_engine = engine and engine_applies(lm)
     try:
         with contiguous_head_input(lm):
             for s in range(0, len(prompts), step):
-                ids, mask = left_pad(prompts[s : s + step], pad_id, device)
-                kw = (
-                    dict(do_sample=False)
-                    if greedy
-                    else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-                )
-                with one_uniform_per_draw(None if row_seeds is None else row_seeds[s : s + step]):
-                    out = lm.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        max_new_tokens=max_new_tokens,
-                        eos_token_id=stops,
-                        pad_token_id=pad_id,
-                        use_cache=True,
-                        **kw,
+                chunk = prompts[s : s + step]
+                seeds = None if row_seeds is None else row_seeds[s : s + step]
+                ids, mask = left_pad(chunk, pad_id, device)
+                if use_engine:
+                    tokens, _ = decode(lm, chunk, max_new_tokens, stops, sampling, seeds)
+                    resp = left_pad([t[::-1] for t in tokens], pad_id, device)[0].flip(1)
+                else:
+                    resp = _transformers_generate(
+                        lm, ids, mask, max_new_tokens, stops, pad_id, sampling, seeds
                     )
-                resp = out[:, ids.shape[1] :]
                 rmask, stopped = response_mask(resp, stops)
                 resp = resp.masked_fill(rmask == 0, pad_id)
                 n_tokens += int(rmask.sum())
@@ -207,6 +209,63 @@ def generate(
     return Generated(
         p_ids, p_mask, r_ids, r_mask, torch.cat([c[4] for c in chunks]), texts, n_tokens / max(seconds, 1e-9)
     )
+
+
+def engine_applies(lm) -> bool:
+    """Whether `rl.engine` decodes `lm` with transformers' law: a decoder-only model, no
+    prompt-learning adapter, and no logits processor asked for by its generation config."""
+    from transformers import GenerationConfig
+
+    config = getattr(lm, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return False
+    if getattr(lm.config, "is_encoder_decoder", False):
+        return False
+    ours, neutral = getattr(lm, "generation_config", None), GenerationConfig()
+    return ours is None or all(getattr(ours, k, None) == getattr(neutral, k) for k in _PROCESSOR_FIELDS)
+
+
+# generation-config fields that add logits processors (their GenerationConfig defaults turn them off)
+_PROCESSOR_FIELDS = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "min_length",
+    "min_new_tokens",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "sequence_bias",
+    "encoder_repetition_penalty",
+    "exponential_decay_length_penalty",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "renormalize_logits",
+)
+
+
+def _transformers_generate(lm, ids, mask, max_new_tokens, stops, pad_id, sampling, seeds) -> torch.Tensor:
+    """(B, R) new tokens from transformers' `generate` (the draws by `one_uniform_per_draw`)."""
+    s = sampling
+    kw = (
+        dict(do_sample=False)
+        if s.greedy
+        else dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    )
+    with one_uniform_per_draw(seeds):
+        out = lm.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+            use_cache=True,
+            **kw,
+        )
+    return out[:, ids.shape[1] :]
 
 
 def _pad_right(x: torch.Tensor, width: int, value: int) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 `chat_job` / `completion_jobs` turn a validated request into prompt ids and one `Sampling` per choice,
 refusing what cannot run (unknown model: 404; prompt + max_tokens over the context window: 400, never
-a cut prompt). `run_on` hands the work to the scheduler (`engine.OneAtATime`, one worker thread;
-a batching scheduler can take its place) and yields what it emits; leaving early cancels the job.
+a cut prompt). `run_on` hands the work to the scheduler (`batch.Batched`, continuous batching, or
+`engine.OneAtATime`, one request at a time: `batch.make_scheduler`) and yields what it emits; leaving
+early cancels the job.
 `create_app` puts the routes (`routes.py`) behind CORS and `guard.GuardMiddleware`.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from chatforge.serve.engine import Engine, Job, OneAtATime, Sampling
+from chatforge.serve.engine import Engine, Job, Sampling
 from chatforge.serve.guard import Guard, GuardMiddleware, plain_error
 from chatforge.serve.protocol import ApiError, ChatRequest, CompletionRequest
 
@@ -99,14 +100,14 @@ def completion_jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[i
     return out
 
 
-async def run_on(scheduler, work, is_disconnected=None):
-    """Run `work(engine, should_stop, emit)` on the scheduler; yield what it emits, as it comes.
+async def run_on(scheduler, prompts, prompt_top: int | None = None, is_disconnected=None):
+    """Sample `prompts` [(prompt ids, one Sampling per choice)] on the scheduler (an `engine.Job`);
+    yield the (choice index, Step or prompt scores) pairs it emits, as they come.
 
     Leaving the loop early (a client gone, an error) cancels the job: its generation stops at the
-    next token. `is_disconnected` (an async callable) is polled while waiting."""
+    next token. `is_disconnected` (an async callable) is polled at least once a second."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
-    end = object()
 
     def emit(item) -> None:
         try:
@@ -114,24 +115,20 @@ async def run_on(scheduler, work, is_disconnected=None):
         except RuntimeError:  # the event loop has closed: the server is going down
             pass
 
-    def run(engine, cancelled) -> None:
-        try:
-            work(engine, cancelled.is_set, emit)
-        except Exception as e:  # noqa: BLE001 - handed to the request, which answers 500
-            emit(e)
-        emit(end)
-
-    job = Job(run)
+    job = Job(prompts, emit, prompt_top)
     scheduler.submit(job)
+    checked = time.monotonic()
     try:
         while True:
+            if is_disconnected is not None and time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                if await is_disconnected():
+                    return
             try:
                 item = await asyncio.wait_for(items.get(), 1.0)
             except asyncio.TimeoutError:
-                if is_disconnected is not None and await is_disconnected():
-                    return
                 continue
-            if item is end:
+            if item is None:
                 return
             if isinstance(item, Exception):
                 raise ApiError(f"generation failed: {item}", 500, kind="server_error")
@@ -140,38 +137,20 @@ async def run_on(scheduler, work, is_disconnected=None):
         job.cancelled.set()
 
 
-def sample_all(jobs: list[tuple[list[int], list[Sampling]]], prompt_top: int | None = None):
-    """A `work` function sampling every choice of every prompt in turn, emitting (choice index, Step);
-    with `prompt_top`, each choice first gets (index, the prompt's `Engine.prompt_logprobs`)."""
-
-    def work(engine: Engine, should_stop, emit) -> None:
-        index = 0
-        for ids, samplings in jobs:
-            scores = None if prompt_top is None else engine.prompt_logprobs(ids, prompt_top)
-            for s in samplings:
-                if scores is not None:
-                    emit((index, scores))
-                for step in engine.sample(ids, s, should_stop):
-                    emit((index, step))
-                if should_stop():
-                    return
-                index += 1
-
-    return work
-
-
 def create_app(engine: Engine, guard: Guard, scheduler=None, log=print):
-    """The ASGI app: routes (`chatforge.serve.routes`) behind CORS and `GuardMiddleware`."""
+    """The ASGI app: routes (`chatforge.serve.routes`) behind CORS and `GuardMiddleware`; `scheduler`
+    default: `batch.make_scheduler(engine)`."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
     from starlette.middleware.cors import CORSMiddleware
 
+    from chatforge.serve.batch import make_scheduler
     from chatforge.serve.routes import add_routes
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.scheduler = engine, scheduler or OneAtATime(engine)
+    app.state.engine, app.state.scheduler = engine, scheduler or make_scheduler(engine)
     app.state.created = int(time.time())
     add_routes(app)
 

@@ -13,8 +13,11 @@ is cut before it and pieces that could begin one are held back, so a stop string
 Log-probs are the model's own (temperature 1, before top-p), as OpenAI reports them. `seed` draws
 from a private generator: the same request gives the same answer whatever ran before it.
 
-`OneAtATime` runs jobs on a single worker thread in arrival order; a batching scheduler (issue 17)
-can take its place behind the same `submit(job)`.
+Each answer's state (tokens, text sent, its RNG, JSON mode) is a `Reply`; `next_tokens` picks the
+next token of a batch of replies from their rows of logits, so one request alone (`sample`) and a
+batch of requests (`serve.batch.Batched`, continuous batching) draw the same tokens. A server hands
+its `Job`s to a scheduler: `OneAtATime` (one worker thread, arrival order, `sample` per choice) or
+`serve.batch.Batched`; both take `submit(job)`.
 """
 
 from __future__ import annotations
@@ -125,28 +128,14 @@ class Engine:
         cache = getattr(out, self.cache_kw, None) if self.use_cache else None
         return out.logits[0, -new:].float(), cache
 
-    @staticmethod
-    def _warp(scores, warpers):
-        for w in warpers:
-            scores = w(None, scores)
-        return scores
-
-    def _token_text(self, token: int) -> str:
+    def token_text(self, token: int) -> str:
+        """A token's text alone (cached: JSON mode asks for many)."""
         if token not in self.texts:
             self.texts[token] = self.tok.decode([token])
         return self.texts[token]
 
-    def _json_token(self, last, warpers, gen, state):
-        """JSON mode's draw: Gumbel-max over the warped scores (plain argmax when greedy), first valid."""
-        import torch
-
-        keys = last[0]
-        if warpers:
-            uniform = torch.rand(keys.shape, generator=gen).clamp_(1e-12, 1 - 1e-12).to(keys.device)
-            keys = torch.log_softmax(self._warp(last, warpers)[0], -1) - torch.log(-torch.log(uniform))
-        return json_mode.choose(keys, state, self.stop_ids, self._token_text)
-
-    def _top(self, logprobs, k: int) -> list[tuple[str, float]]:
+    def top(self, logprobs, k: int) -> list[tuple[str, float]]:
+        """The `k` most likely (token text, log-prob) of a row of log-probs (V,)."""
         if k <= 0:
             return []
         values, ids = logprobs.topk(k)
@@ -157,53 +146,20 @@ class Engine:
     ) -> Iterator[Step]:
         """Yield one `Step` per generated token (see the module docstring for how it ends)."""
         import torch
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-        gen = torch.Generator()
-        if s.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(s.seed)
-        warpers = [TemperatureLogitsWarper(s.temperature), TopPLogitsWarper(s.top_p)] if s.temperature else []
-        ids: list[int] = []
-        text, sent = "", 0
-        jstate = json_mode.START
+        reply = Reply(self, s)
         if s.max_tokens == 0 or should_stop():
             return
         logits, past = self._forward(prompt_ids, 1)
         while True:
-            last = logits[-1:]
-            logprobs = torch.log_softmax(last[0], -1)
-            if s.json:
-                token, jstate = self._json_token(last, warpers, gen, jstate)
-                if token is None:  # nothing can continue the object: end here
-                    return
-            elif warpers:
-                probs = torch.softmax(self._warp(last, warpers), -1).cpu()
-                token = int(torch.multinomial(probs, 1, generator=gen))
-            else:
-                token = int(last[0].argmax())
-            ids.append(token)
-            finish = None
-            if token in self.stop_ids:
-                finish = "stop"
-            elif s.json and json_mode.complete(jstate):
-                text, finish = self.tok.decode(ids, skip_special_tokens=True), "stop"
-            else:
-                text = self.tok.decode(ids, skip_special_tokens=True)
-                cut = first_stop(text, s.stop)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                elif len(ids) >= s.max_tokens:
-                    finish = "length"
-            ready = len(text) if finish else len(text) - held_back(text, s.stop)
-            if not finish and text.endswith("\ufffd"):  # an incomplete UTF-8 character
-                ready = min(ready, len(text) - 1)
-            piece, sent = text[sent:ready] if ready > sent else "", max(sent, ready)
-            yield Step(token, piece, float(logprobs[token]), self._top(logprobs, s.top_logprobs), finish)
-            if finish or should_stop():
+            (token,) = next_tokens(logits[-1:], [reply])
+            if token is None:  # JSON mode: nothing can continue the object
                 return
-            logits, past = self._forward([*prompt_ids, *ids], 1, past)
+            step = reply.advance(token, torch.log_softmax(logits[-1], -1))
+            yield step
+            if step.finish or should_stop():
+                return
+            logits, past = self._forward([*prompt_ids, *reply.ids], 1, past)
 
     def prompt_logprobs(self, prompt_ids: list[int], k: int) -> list[tuple[float, list[tuple[str, float]]]]:
         """For each prompt token after the first: (its log-prob given the tokens before, top `k`
@@ -215,16 +171,124 @@ class Engine:
         logits, _ = self._forward(prompt_ids, len(prompt_ids))
         logprobs = torch.log_softmax(logits[:-1], -1)
         got = logprobs.gather(1, torch.tensor(prompt_ids[1:], device=logits.device)[:, None])[:, 0].tolist()
-        return [(lp, self._top(row, k)) for lp, row in zip(got, logprobs)]
+        return [(lp, self.top(row, k)) for lp, row in zip(got, logprobs)]
+
+
+class Reply:
+    """One answer on its way: its settings, its own RNG (seeded: the same answer whatever runs beside
+    it), the tokens so far and how much of their text was sent."""
+
+    def __init__(self, engine: Engine, s: Sampling):
+        import torch
+
+        from chatforge.rl.engine import Sampling as Law
+
+        self.engine, self.s = engine, s
+        self.gen = torch.Generator()
+        if s.seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(s.seed)
+        self.law = Law(greedy=True) if s.temperature == 0 else Law(temperature=s.temperature, top_p=s.top_p)
+        self.ids: list[int] = []
+        self.text, self.sent, self.json_state = "", 0, json_mode.START
+
+    def uniform(self):
+        """(1,) float64: the number behind this reply's next draw."""
+        import torch
+
+        return torch.rand(1, dtype=torch.float64, generator=self.gen)
+
+    def json_token(self, logits) -> int | None:
+        """JSON mode's pick from logits (1, V): Gumbel-max over the warped scores (the plain scores when
+        greedy), the first that keeps the object valid; None when nothing can."""
+        import torch
+
+        keys = logits[0]
+        if not self.law.greedy:
+            uniform = torch.rand(keys.shape, generator=self.gen).clamp_(1e-12, 1 - 1e-12).to(keys.device)
+            keys = torch.log_softmax(self.law.warp(logits)[0], -1) - torch.log(-torch.log(uniform))
+        token, self.json_state = json_mode.choose(
+            keys, self.json_state, self.engine.stop_ids, self.engine.token_text
+        )
+        return token
+
+    def advance(self, token: int, logprobs) -> Step:
+        """Take `token` (logprobs (V,): the model's log-probs where it was drawn); the `Step` it makes."""
+        s, tok = self.s, self.engine.tok
+        self.ids.append(token)
+        finish = None
+        if token in self.engine.stop_ids:
+            finish = "stop"
+        elif s.json and json_mode.complete(self.json_state):
+            self.text, finish = tok.decode(self.ids, skip_special_tokens=True), "stop"
+        else:
+            self.text = tok.decode(self.ids, skip_special_tokens=True)
+            cut = first_stop(self.text, s.stop)
+            if cut >= 0:
+                self.text, finish = self.text[:cut], "stop"
+            elif len(self.ids) >= s.max_tokens:
+                finish = "length"
+        text = self.text
+        ready = len(text) if finish else len(text) - held_back(text, s.stop)
+        if not finish and text.endswith("\ufffd"):  # an incomplete UTF-8 character
+            ready = min(ready, len(text) - 1)
+        piece, self.sent = text[self.sent : ready] if ready > self.sent else "", max(self.sent, ready)
+        top = self.engine.top(logprobs, s.top_logprobs)
+        return Step(token, piece, float(logprobs[token]), top, finish)
+
+
+def next_tokens(logits, replies: list[Reply]) -> list[int | None]:
+    """Each reply's next token from its row of float32 logits (B, V): one draw from its own RNG
+    (`rl.engine.pick_tokens`, per-row settings), JSON-mode replies by `Reply.json_token`."""
+    import torch
+
+    from chatforge.rl.engine import pick_tokens
+
+    out: list[int | None] = [None] * len(replies)
+    plain = [b for b, r in enumerate(replies) if not r.s.json]
+    if plain:
+        uniform = torch.stack([replies[b].uniform() for b in plain]).to(logits.device)
+        picked = pick_tokens(logits[plain], [replies[b].law for b in plain], uniform)
+        for b, token in zip(plain, picked.tolist()):
+            out[b] = token
+    for b, r in enumerate(replies):
+        if r.s.json:
+            out[b] = r.json_token(logits[b : b + 1])
+    return out
 
 
 @dataclass
 class Job:
-    """Work for the model: `run(engine, cancelled)` is called on the worker thread; `cancelled` is an
-    Event the submitter sets when nobody waits for the result any more."""
+    """The answers one request wants: `prompts` [(prompt ids, one Sampling per choice)], choices
+    numbered across prompts. A scheduler calls `emit((choice, Step))` per token, first `emit((choice,
+    Engine.prompt_logprobs))` for each choice when `prompt_top` is set, `emit(exception)` if the model
+    failed, and `emit(None)` last. `cancelled` is set by the submitter when nobody waits any more."""
 
-    run: Callable
+    prompts: list[tuple[list[int], list[Sampling]]]
+    emit: Callable[[object], None]
+    prompt_top: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def run_alone(engine: Engine, job: Job) -> None:
+    """Sample every choice of `job` in turn with `Engine.sample`."""
+    try:
+        index = 0
+        for ids, samplings in job.prompts:
+            scores = None if job.prompt_top is None else engine.prompt_logprobs(ids, job.prompt_top)
+            for s in samplings:
+                if job.cancelled.is_set():
+                    return
+                if scores is not None:
+                    job.emit((index, scores))
+                for step in engine.sample(ids, s, job.cancelled.is_set):
+                    job.emit((index, step))
+                index += 1
+    except Exception as e:  # noqa: BLE001 - handed to the request, which answers 500
+        job.emit(e)
+    finally:
+        job.emit(None)
 
 
 class OneAtATime:
@@ -247,5 +311,7 @@ class OneAtATime:
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if not job.cancelled.is_set():
-                job.run(self.engine, job.cancelled)
+            if job.cancelled.is_set():
+                job.emit(None)
+            else:
+                run_alone(self.engine, job)

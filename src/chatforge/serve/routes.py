@@ -52,7 +52,7 @@ async def _error_as_event(events):
 
 
 def add_routes(app) -> None:
-    from chatforge.serve.app import chat_job, completion_jobs, run_on, sample_all
+    from chatforge.serve.app import chat_job, completion_jobs, run_on
     from chatforge.serve.server import PAGE
 
     def model_card(engine) -> dict:
@@ -83,7 +83,7 @@ def add_routes(app) -> None:
         req = parse(ChatRequest, await request.body())
         ids, samplings = chat_job(engine, req)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        steps = run_on(app.state.scheduler, sample_all([(ids, samplings)]), request.is_disconnected)
+        steps = run_on(app.state.scheduler, [(ids, samplings)], None, request.is_disconnected)
         head = {"id": cid, "created": created, "model": engine.name}
         want_logprobs = bool(req.logprobs)
 
@@ -162,7 +162,7 @@ def add_routes(app) -> None:
         choice_prompts = [ids for ids, samplings in jobs for _ in samplings]
         prompt_tokens = sum(len(ids) for ids, _ in jobs)
         scored = k if echo and k is not None else None
-        steps = run_on(app.state.scheduler, sample_all(jobs, scored), request.is_disconnected)
+        steps = run_on(app.state.scheduler, jobs, scored, request.is_disconnected)
 
         def fresh(i: int, scores=None) -> dict:
             """A choice before its first generated token: empty, or the prompt with `echo`."""

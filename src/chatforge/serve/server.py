@@ -15,10 +15,12 @@ honoured or refused with a 400, never ignored); a prompt that does not fit the c
 its `max_tokens` is refused, never cut; bodies over `--max-body` get 413 and bodies that trickle in
 slower than `--timeout` get 408; Host and Origin must be loopback, the server's own or listed
 (`--allow-origin`, `--allow-host`), so a web page elsewhere cannot drive it; `--api-key` (required
-off loopback) is checked as a bearer token; every error is OpenAI's JSON error shape. Generation runs
-on one worker thread (`engine.OneAtATime`), one token at a time, and stops when its client leaves.
-The pieces: `app.py` (request -> model work), `routes.py` (endpoints, response shapes), `guard.py`
-(who may ask), `protocol.py` (request fields), `engine.py` (sampling), `chat.html`. docs/serving.md.
+off loopback) is checked as a bearer token; every error is OpenAI's JSON error shape. Concurrent
+requests share one batch of the model (`batch.Batched`, continuous batching, up to `--max-batch`
+answers at once; `--max-batch 1`: one at a time), each streamed token by token; an answer stops when
+its client leaves. The pieces: `app.py` (request -> model work), `routes.py` (endpoints, response
+shapes), `guard.py` (who may ask), `protocol.py` (request fields), `engine.py` (sampling), `batch.py`
+(the batching scheduler), `chat.html`. docs/serving.md.
 """
 
 from __future__ import annotations
@@ -67,7 +69,16 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a client may take to send a body")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="answers decoded together (continuous batching); 1 = one at a time",
+    )
     args = p.parse_args(argv)
+    if args.max_batch < 1:
+        print(f"chatforge serve: --max-batch must be at least 1 (got {args.max_batch})", file=sys.stderr)
+        return 2
     import os
 
     api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY", "")
@@ -82,6 +93,7 @@ def main(argv: list[str]) -> int:
         return 2
     from chatforge.evaluate import load_inference_model
     from chatforge.serve.app import create_app, make_server
+    from chatforge.serve.batch import make_scheduler
     from chatforge.serve.engine import Engine
     from chatforge.serve.guard import Guard
 
@@ -90,7 +102,8 @@ def main(argv: list[str]) -> int:
     engine = Engine(lm, tok, name, args.max_context, args.max_tokens)
     hosts = set(args.allow_host) | ({"*"} if args.host in ("0.0.0.0", "::") else {args.host})
     guard = Guard(hosts, set(args.allow_origin), api_key, args.max_body, args.timeout)
-    server, sock = make_server(create_app(engine, guard), args.host, args.port, args.timeout)
+    app = create_app(engine, guard, make_scheduler(engine, args.max_batch))
+    server, sock = make_server(app, args.host, args.port, args.timeout)
     host, port = sock.getsockname()[:2]
     print(f"chatforge serve: {name} on http://{host}:{port}/ (chat page) and /v1 (Ctrl-C stops)", flush=True)
     try:

@@ -1,0 +1,175 @@
+"""Sampling speed: chatforge's engine (`rl.generate` on `rl.engine`) against bare transformers `generate`.
+
+    .venv/bin/python benchmarks/bench_generate.py [--repeats 3] [--no-write]
+    .venv/bin/python benchmarks/bench_generate.py --model /tmp/tiny --repeats 1 --no-write   # smoke
+    .venv/bin/python benchmarks/bench_generate.py --static [--repeats 1]   # static cache, torch.compile
+
+SmolLM2-135M-Instruct (the embedded default) in float32, built-in task prompts in the chat
+template, at most 48 new tokens, stop at end-of-turn, the same sampling settings on both sides:
+
+1. batch 8: 8 different prompts, one answer each, sampled (temperature 1, the rollout setting)
+   and greedy (evaluation; both sides then produce the same tokens);
+2. GRPO's shape: 1 prompt x 8 answers, sampled.
+
+Generated tokens/s counts the tokens up to and including each row's first stop token, over the
+wall time of the call; median over `--repeats` calls after one warm-up call. Each side of each
+shape runs in its own child process (benchmarks/common.py), the sides alternating. Results go to
+docs/benchmarks.md. `--static` instead compares, at batch 8 greedy, transformers with a static
+cache, alone and with its decode step compiled (`torch.compile`, compile time in the first call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common import command_line, machine, run_child, write_section
+
+BATCH, NEW_TOKENS = 8, 48
+PY = sys.executable  # chatforge's own environment (no peer library needed)
+
+SIDE = """
+import json, statistics, time, torch
+from chatforge.data.tasks import make_task_data
+from chatforge.data.templates import stop_token_ids, tokenize_prompt
+from chatforge.models.load import load_model, load_tokenizer
+from chatforge.rl.generate import generate, left_pad, response_mask
+torch.manual_seed(0)
+tok = load_tokenizer("{model}")
+lm = load_model("{model}", dtype=torch.float32).eval()
+items = make_task_data("mixed", seed=0, sizes={{"sft": 0, "preference": 0, "rl": {batch}, "eval": 0}})["rl"]
+prompts = [tokenize_prompt(tok, [{{"role": "user", "content": it["prompt"]}}]) for it in items]
+prompts = prompts[:1] * {batch} if {grpo} else prompts[:{batch}]
+stops = stop_token_ids(tok)
+def ours(greedy):
+    g = generate(lm, tok, prompts, max_new_tokens={new_tokens}, temperature=1.0, greedy=greedy)
+    return int(g.response_mask.sum()), g.response_ids
+def bare(greedy):
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    if "{cache}" != "dynamic":
+        kw["cache_implementation"] = "static"
+    if "{cache}" == "compiled":  # transformers compiles the decode forward of a static cache (inductor)
+        from transformers import CompileConfig
+        kw["compile_config"] = CompileConfig(mode="default")
+        kw["compile_config"]._compile_all_devices = True  # its switch for compiling on a CPU
+    with torch.no_grad():
+        out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens={new_tokens}, eos_token_id=stops,
+                          pad_token_id=tok.pad_token_id, **kw)
+    resp = out[:, ids.shape[1]:]
+    m, _ = response_mask(resp, stops)
+    return int(m.sum()), resp.masked_fill(m == 0, tok.pad_token_id)
+run = {side}
+result = {{}}
+for mode in {modes}:
+    rates, tokens, first = [], None, None
+    for i in range({repeats} + 1):
+        t = time.perf_counter()
+        n, tokens = run(mode == "greedy")
+        if i:
+            rates.append(n / (time.perf_counter() - t))
+        else:
+            first = time.perf_counter() - t
+    result[mode] = {{"tok_s": statistics.median(rates), "tokens": tokens.tolist(), "first_s": first}}
+print(json.dumps(result))
+"""
+
+SHAPES = {"batch 8": (False, ["sampled", "greedy"]), "1 prompt x 8 answers": (True, ["sampled"])}
+GOALS = {"batch 8": 1.5, "1 prompt x 8 answers": 2.0}
+
+
+def child(args, side: str, grpo: bool, modes: list[str], cache: str = "dynamic") -> dict:
+    code = SIDE.format(
+        model=args.model,
+        batch=BATCH,
+        grpo=grpo,
+        new_tokens=NEW_TOKENS,
+        side=side,
+        cache=cache,
+        modes=modes,
+        repeats=args.repeats,
+    )
+    return run_child(code, python=PY)
+
+
+def static_caches(args) -> None:
+    """Batch 8 greedy: chatforge and transformers with a dynamic cache, a static cache, and a static
+    cache with its decode step compiled; the first call (warm-up) includes the compile."""
+    sides = [("chatforge engine", "ours", "dynamic"), ("transformers, dynamic cache", "bare", "dynamic")]
+    sides += [("transformers, static cache", "bare", "static")]
+    sides += [("transformers, static cache + torch.compile", "bare", "compiled")]
+    got = {name: child(args, side, False, ["greedy"], cache)["greedy"] for name, side, cache in sides}
+    ours = got["chatforge engine"]["tokens"]
+    print(json.dumps({k: {x: y for x, y in v.items() if x != "tokens"} for k, v in got.items()}, indent=1))
+    if args.no_write:
+        return
+    lines = [
+        "## Generation: transformers' static cache and torch.compile on this CPU",
+        "",
+        f"Command: `{command_line()}` on {machine()}.",
+        f"Batch 8 greedy, otherwise as in the section above ({NEW_TOKENS} new tokens, float32, one thread, "
+        f"median of {args.repeats} calls after one warm-up call). Compiled: `CompileConfig(mode='default')` "
+        "with compiling on a CPU switched on (inductor); its first call includes the compile.",
+        "",
+        "| side | tok/s after warm-up | first call s | greedy tokens identical to chatforge's |",
+        "|---|---|---|---|",
+    ]
+    for name, r in got.items():
+        same = "" if name == "chatforge engine" else ("yes" if r["tokens"] == ours else "NO")
+        lines.append(f"| {name} | {r['tok_s']:.1f} | {r['first_s']:.1f} | {same} |")
+    write_section("generate-static", "\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default="default", help="model dir for a quick smoke run (e.g. a tiny model)")
+    p.add_argument("--no-write", action="store_true", help="print results, leave docs/benchmarks.md alone")
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="instead: transformers with a static cache, and with it + torch.compile (batch 8 greedy)",
+    )
+    args = p.parse_args()
+    if args.static:
+        return static_caches(args)
+
+    rows = []
+    for shape, (grpo, modes) in SHAPES.items():
+        got = {side: child(args, side, grpo, modes) for side in ("bare", "ours")}
+        for mode in modes:
+            ours, bare = got["ours"][mode], got["bare"][mode]
+            same = ours["tokens"] == bare["tokens"] if mode == "greedy" else None
+            rows.append((shape, mode, ours["tok_s"], bare["tok_s"], same, got["ours"]["peak_rss_gib"]))
+    print(json.dumps(rows, indent=1))
+    if args.no_write:
+        return
+    lines = [
+        "## Generation: chatforge's engine vs bare transformers generate",
+        "",
+        f"Command: `{command_line()}` on {machine()}.",
+        f"SmolLM2-135M-Instruct float32, built-in task prompts in the chat template, at most {NEW_TOKENS} new "
+        "tokens, stop at end-of-turn, temperature 1 (top-k/top-p off) when sampled. Generated tokens/s "
+        f"(up to each row's stop token, over the call's wall time), median of {args.repeats} calls after "
+        "one warm-up; each side in its own process, one thread.",
+        "",
+        "| shape | mode | chatforge tok/s | transformers tok/s | ratio | goal | greedy tokens identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for shape, mode, ours, bare, same, _ in rows:
+        mark = "" if same is None else ("yes" if same else "NO")
+        lines.append(
+            f"| {shape} | {mode} | {ours:.1f} | {bare:.1f} | {ours / bare:.2f}x | >= {GOALS[shape]}x | {mark} |"
+        )
+    lines += [
+        "",
+        "chatforge prefills a prompt repeated in the batch once and shares its KV cache, writes keys and "
+        "values into preallocated buffers instead of concatenating them, and drops rows once they stop; "
+        "transformers decodes all 8 rows until the last one stops (`chatforge.rl.engine`).",
+    ]
+    write_section("generate", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
