@@ -144,7 +144,8 @@ class Trainer:
             )
         else:
             self.model, self.optimizer = self.acc.prepare(model, opt)
-        self._reported_bytes = False
+        # what each rank holds is printed once, where there is something to compare: sharded or several
+        self._reported_bytes = not (self.sharded or self.zero or self.world > 1)
         self.step = 0
         self._start_step = 0  # metrics logged after this by an earlier run in the same dir are stale
         self._metrics_open = False
