@@ -144,8 +144,10 @@ class Trainer:
             )
         else:
             self.model, self.optimizer = self.acc.prepare(model, opt)
-        # what each rank holds is printed once, where there is something to compare: sharded or several
-        self._reported_bytes = not (self.sharded or self.zero or self.world > 1)
+        # what each rank holds is printed once where it is asked about: several processes, or a named
+        # dist.strategy (its one-process run is the figure the sharded runs are compared with)
+        named = dist is not None and dist.strategy != "auto"
+        self._reported_bytes = not (named or self.world > 1)
         self.step = 0
         self._start_step = 0  # metrics logged after this by an earlier run in the same dir are stale
         self._metrics_open = False
