@@ -19,11 +19,10 @@ Prompt- and prefix-tuning adapters add virtual tokens on every forward (no KV ca
 from __future__ import annotations
 
 import queue
-import threading
 from collections import deque
 from dataclasses import dataclass
 
-from chatforge.serve.engine import Engine, Job, OneAtATime, Reply, next_tokens
+from chatforge.serve.engine import Engine, Job, OneAtATime, Reply, Worker, next_tokens
 
 
 @dataclass
@@ -59,26 +58,18 @@ def make_scheduler(engine: Engine, max_batch: int = 8, log=print):
     return Batched(engine, max_batch)
 
 
-class Batched:
+class Batched(Worker):
     """A worker thread decoding up to `max_batch` choices at once (see the module docstring)."""
 
     def __init__(self, engine: Engine, max_batch: int = 8):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.engine, self.max_batch = engine, max_batch
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting: deque[_Row] = deque()
         self.live: dict[int, _Row] = {}  # row id (in `rows.rows`) -> its row
         self.rows = None  # the running rl.engine.Rows, None when nothing runs
         self.next_id = 0
-        self.thread = threading.Thread(target=self._work, name="chatforge-batch", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
-
-    def close(self) -> None:
-        self.jobs.put(None)
+        self._start("chatforge-batch")
 
     def _work(self) -> None:
         import torch

@@ -291,16 +291,13 @@ def run_alone(engine: Engine, job: Job) -> None:
         job.emit(None)
 
 
-class OneAtATime:
-    """A worker thread that runs submitted jobs one after another, in arrival order.
+class Worker:
+    """A scheduler's frame: submitted jobs queue up for one worker thread running `_work`, which
+    ends at `close()` (a None on the queue). Subclasses set their state, then call `_start`."""
 
-    Jobs already cancelled when their turn comes are skipped, so clients that left free the queue.
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def _start(self, name: str) -> None:
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._work, name="chatforge-generate", daemon=True)
+        self.thread = threading.Thread(target=self._work, name=name, daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
@@ -308,6 +305,20 @@ class OneAtATime:
 
     def close(self) -> None:
         self.jobs.put(None)
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+
+class OneAtATime(Worker):
+    """A worker thread that runs submitted jobs one after another, in arrival order.
+
+    Jobs already cancelled when their turn comes are skipped, so clients that left free the queue.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._start("chatforge-generate")
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
