@@ -94,6 +94,30 @@ def one_and_two_processes(stage: str, args, tmp_path) -> tuple[list[dict], list[
     return metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
 
 
+def launch(stage: str, processes: int, args: list[str]) -> list[tuple[int, int]]:
+    """Run `chatforge STAGE` in 1 process or under torchrun; returns each rank's (parameter,
+    optimizer-state) bytes as the Trainer printed them after its first step."""
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    holds = re.compile(r"rank (\d+)/(\d+) holds (\d+) parameter bytes and (\d+) optimizer-state bytes")
+    cmd = [sys.executable]
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*cmd, "-m", "chatforge.cli", stage, *args], capture_output=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    found = sorted(holds.findall(done.stdout.decode()))
+    return [(int(p), int(s)) for _, _, p, s in found]
+
+
 def reward_that_raises(folder, error: str = "RuntimeError('disk full')") -> str:
     """A `file.py:has_seven` reward spec whose third call raises `error` (a crash mid-run)."""
     from pathlib import Path

@@ -2,18 +2,13 @@
 global batch, really shards, saves a plain final/ and resumes exactly; unsupported combinations
 are refused in one line."""
 
-import os
-import re
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from chatforge.cli import main
-from conftest import metrics_of, tiny_run_args
+from conftest import launch, metrics_of, tiny_run_args
 
 CHATS = [
     {
@@ -25,25 +20,6 @@ CHATS = [
     for a in range(1, 5)
     for b in range(1, 5)
 ]
-HOLDS = re.compile(r"rank (\d+)/(\d+) holds (\d+) parameter bytes and (\d+) optimizer-state bytes")
-
-
-def launch(stage: str, processes: int, args: list[str]) -> list[tuple[int, int]]:
-    """Run `chatforge STAGE` in 1 process or under torchrun; returns each rank's (parameter,
-    optimizer-state) bytes as the Trainer printed them after its first step."""
-    cmd = [sys.executable]
-    if processes > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*cmd, "-m", "chatforge.cli", stage, *args], capture_output=True, env=env, timeout=600
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    found = sorted(HOLDS.findall(done.stdout.decode()))
-    return [(int(p), int(s)) for _, _, p, s in found]
 
 
 def _args(model_dir, data, out, processes, *extra, strategy="fsdp2"):
@@ -155,7 +131,16 @@ def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, jsonl, 
 @pytest.mark.parametrize(
     ("stage", "overrides", "says"),
     [
-        ("grpo", ["dist.strategy=fsdp2"], "dist.strategy=fsdp2 is not supported for the grpo stage"),
+        (
+            "ppo",
+            ["dist.strategy=fsdp2", "ppo.reward_model=rm"],
+            "dist.strategy=fsdp2 is not supported for the ppo stage",
+        ),
+        (
+            "grpo",
+            ["dist.strategy=fsdp2", "peft.method=none"],
+            "with peft.method=none is not supported for the grpo stage yet: use peft.method=lora",
+        ),
         ("grpo", ["dist.strategy=zero3"], "dist.strategy=zero3 is not supported for the grpo stage yet"),
         ("rm", ["dist.strategy=zero2"], "use dist.strategy=fsdp2 or ddp"),
         ("dpo", ["dist.strategy=zero3"], "dist.strategy=zero3 is not supported for the dpo stage yet"),

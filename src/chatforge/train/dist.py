@@ -11,7 +11,8 @@ accelerate 1.15 turns an FSDP config into DDP on CPU, so FSDP2 is applied here w
 `fully_shard`, and the sharded model is not passed to `accelerate.prepare`. What is saved does not
 depend on the strategy: `final/` and `trainable.safetensors` hold the full weights gathered from
 the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard), so a
-sharded checkpoint resumes with the same number of processes.
+sharded checkpoint resumes with the same number of processes. GRPO runs sharded with LoRA: its
+rollout decodes inside `unsharded(model)`, which gathers the whole weights once per rollout.
 
 `check_supported(stage, strategy, offload, grad_accum, method)` refuses an unsupported combination at start-up in one
 line; `local_bytes(model, optimizer)` reads what this rank really holds from the local shards.
@@ -28,6 +29,9 @@ from chatforge.errors import ConfigError
 
 # stages whose loop is the shared Trainer.fit and whose model is only called through forward()
 SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
+# RL stages that run sharded, and the peft methods tested for them: LoRA on a sharded frozen
+# base, the rollout decoding on the whole weights gathered once (`unsharded`)
+SHARDED_RL_STAGES = {"grpo": ("lora",)}
 # of those, the ones tested under DeepSpeed ZeRO (full fine-tuning only, so far)
 ZERO_STAGES = ("sft",)
 
@@ -49,7 +53,8 @@ def check_supported(
     """One-line refusal of a stage x strategy x offload this version cannot run, saying what can."""
     if strategy in ("zero2", "zero3"):
         if stage not in ZERO_STAGES:
-            instead = "dist.strategy=fsdp2 or ddp" if stage in SHARDED_STAGES else "dist.strategy=ddp"
+            fsdp2 = stage in SHARDED_STAGES or stage in SHARDED_RL_STAGES
+            instead = "dist.strategy=fsdp2 or ddp" if fsdp2 else "dist.strategy=ddp"
             raise ConfigError(
                 f"dist.strategy={strategy} is not supported for the {stage} stage yet: use {instead}"
             )
@@ -69,10 +74,17 @@ def check_supported(
             raise ConfigError(
                 f"dist.strategy={strategy} needs DeepSpeed: pip install 'chatforge[deepspeed]'"
             ) from None
-    if strategy == "fsdp2" and stage not in SHARDED_STAGES:
+    if strategy == "fsdp2" and stage in SHARDED_RL_STAGES and method not in SHARDED_RL_STAGES[stage]:
+        methods = " or ".join(f"peft.method={m}" for m in SHARDED_RL_STAGES[stage])
         raise ConfigError(
-            f"dist.strategy=fsdp2 is not supported for the {stage} stage yet (generation runs outside "
-            f"the sharded forward): use dist.strategy=ddp, or fsdp2 with {', '.join(SHARDED_STAGES)}"
+            f"dist.strategy=fsdp2 with peft.method={method} is not supported for the {stage} stage "
+            f"yet: use {methods}, or dist.strategy=ddp"
+        )
+    if strategy == "fsdp2" and stage not in (*SHARDED_STAGES, *SHARDED_RL_STAGES):
+        sharded = ", ".join((*SHARDED_STAGES, *SHARDED_RL_STAGES))
+        raise ConfigError(
+            f"dist.strategy=fsdp2 is not supported for the {stage} stage yet: use dist.strategy=ddp, "
+            f"or fsdp2 with {sharded}"
         )
     if offload != "none":
         raise ConfigError(
@@ -130,6 +142,42 @@ def local_bytes(model: torch.nn.Module, optimizer) -> tuple[int, int]:
             if torch.is_tensor(v) and v.dim() > 0:
                 state += local(v).numel() * v.element_size()
     return params, state
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module, reshard_after_forward: bool = True) -> Iterator[torch.nn.Module]:
+    """All ranks: a block of many small forwards outside the training step (an RL rollout) that
+    runs on the whole weights, gathered once, with no collective inside; a model with no FSDP2
+    modules is yielded as it is.
+
+    Every FSDP2 module is unsharded (`FSDPModule.unshard`, one all-gather per layer) with
+    reshard-after-forward off: in torch 2.13 a module's post-forward hook reshards it when that
+    flag is on, even after an explicit `unshard()`, and the next forward would all-gather again,
+    a collective every rank must then join in the same order. With it off the pre-forward hook
+    finds the parameters unsharded (a no-op) and the post-forward leaves them so, and each rank
+    decodes its own prompts, stopping when its own answers end. On exit every module is resharded
+    and the flag set back (`dist.reshard_after_forward`). Costs one full copy of the weights per
+    rank while open, as the whole model under DDP; gradients and optimizer state stay sharded.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        yield model
+        return
+    # FSDP2 takes the first of its modules to run a forward for the root; a rollout before the
+    # first training step would run a decoder layer first, so the root is initialised here
+    # (torch has no public call for it: this is what the root's own pre-forward calls first)
+    fully_shard.state(model)._lazy_init()
+    model.set_reshard_after_forward(False, recurse=True)
+    for m in modules:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+        model.set_reshard_after_forward(reshard_after_forward, recurse=True)
 
 
 @contextlib.contextmanager

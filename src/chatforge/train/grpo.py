@@ -17,6 +17,12 @@ Learning batches hold a prompt once with its answers after it (`data.share_promp
 the answers apart); `generate.seed_per_row` gives each answer its own random draws, so a run
 samples the same answers whatever its generation batch size or number of processes.
 
+Under `dist.strategy=fsdp2` (LoRA on a sharded frozen base) learning runs sharded and the rollout
+decodes on the whole weights, gathered once per step and resharded after it
+(`chatforge.train.dist.unsharded`): decoding is one small forward per token, and a sharded layer
+all-gathers in every forward, so the ranks would have to decode in lock step (the same number of
+forwards, whatever their answers' lengths) and pay an all-gather per layer per token.
+
 The rollout is `chatforge.rl.experience.group_rollout`; the outer loop, shared with PPO, is
 `chatforge.train.rl_loop`: `train.max_steps` counts GRPO steps and `train.save_every` checkpoints
 every N of them; a run stopped between steps (Ctrl-C, a reward function that raises) also
@@ -205,6 +211,7 @@ def run(cfg: Config) -> str:
     from chatforge.rl.experience import group_rollout
     from chatforge.rl.reference import describe
     from chatforge.train.common import build_policy, log, save_lm, share_prompt
+    from chatforge.train.dist import unsharded
     from chatforge.train.loop import Trainer
     from chatforge.train.rl_loop import RLStage, load_prompts, run_loop, total_steps, world_size
 
@@ -226,14 +233,16 @@ def run(cfg: Config) -> str:
     log("reference: " + ("none (grpo.beta=0)" if g.beta == 0 else describe(ref)))
     branched = share_prompt(cfg, policy.lm, "learning batches")
     steps = total_steps(cfg.train, len(items), g.prompts_per_step, world_size())
-    trainer = Trainer(policy, cfg.train, steps * g.epochs_per_step)
+    trainer = Trainer(policy, cfg.train, steps * g.epochs_per_step, dist=cfg.dist)
     model = trainer.acc.unwrap_model(trainer.model)
 
     def step(rl_step, group, seeds, bar):  # rollout -> score -> group advantages -> learn
-        gen, rewards_t, parts, adv, times = group_rollout(
-            model.lm, tok, group, scorer, gen_cfg, g.num_generations, g.scale_rewards,
-            g.generation_batch_size, seeds,
-        )  # fmt: skip
+        # under fsdp2 the rollout decodes on the whole weights, gathered once (dist.unsharded)
+        with unsharded(model, cfg.dist.reshard_after_forward):
+            gen, rewards_t, parts, adv, times = group_rollout(
+                model.lm, tok, group, scorer, gen_cfg, g.num_generations, g.scale_rewards,
+                g.generation_batch_size, seeds,
+            )  # fmt: skip
         t2 = time.perf_counter()
         learned, first_ratio = learn(trainer, model, ref, gen, adv, cfg, bar, branched)
         times["time/learn"] = round(time.perf_counter() - t2, 3)
