@@ -95,3 +95,59 @@ def test_grpo_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, js
     for step in (3, 4):
         for key in COMPARED:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)
+
+
+def _ppo_args(model_dir, data, out, reward, processes, *extra):
+    return tiny_run_args(
+        model_dir,
+        data,
+        out,
+        f"ppo.reward_functions=[{reward}]",
+        f"ppo.rollout_batch_size={8 // processes}",  # the same global rollout of 8 prompts
+        f"ppo.mini_batch_size={8 // processes}",
+        f"train.batch_size={4 // processes}",
+        "generate.top_k=1",  # deterministic answers whatever the number of processes
+        "generate.max_new_tokens=8",
+        "data.max_length=96",
+        "ppo.whiten_advantages=false",  # each process whitens its own part
+        "ppo.ppo_epochs=1",
+        "ppo.samples_every=0",
+        "peft.method=lora",
+        "peft.r=8",
+        "train.warmup_ratio=0",
+        "train.lr=1e-2",
+        "train.device=cpu",
+        "dist.strategy=fsdp2",
+        *extra,
+    )
+
+
+def test_ppo_lean_layout_under_fsdp2_runs_like_one_process_and_shards(
+    tiny_model_dir, jsonl, reward_file, tmp_path
+):
+    """One sharded base with the actor and critic adapters (and the reference = adapters off)."""
+    data = jsonl(PROMPTS)
+    one = launch(
+        "ppo", 1, _ppo_args(tiny_model_dir, data, tmp_path / "one", reward_file, 1, "train.max_steps=3")
+    )
+    two = launch(
+        "ppo", 2, _ppo_args(tiny_model_dir, data, tmp_path / "two", reward_file, 2, "train.max_steps=3")
+    )
+    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    keys = ("loss", "policy_loss", "value_loss", "reward", "kl", "response_length", "value_mean")
+    for x, y in zip(a, b):
+        for key in keys:
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["ppo_step"], key)
+        assert y["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # one epoch: on-policy
+    assert a[-1]["kl"] > 0  # the actor moved, the same way in both
+    ((params, state),) = one
+    assert len(two) == 2
+    for p, s in two:
+        assert 0.4 * params < p < 0.6 * params
+        assert 0.4 * state < s < 0.6 * state
+    final = tmp_path / "two" / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "critic").is_dir()
+    got = _logits(tiny_model_dir, final)
+    assert torch.allclose(got, _logits(tiny_model_dir, tmp_path / "one" / "final"), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, _logits(tiny_model_dir), atol=1e-3)

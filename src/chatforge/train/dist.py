@@ -31,7 +31,7 @@ from chatforge.errors import ConfigError
 SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
 # RL stages that run sharded, and the peft methods tested for them: LoRA on a sharded frozen
 # base, the rollout decoding on the whole weights gathered once (`unsharded`)
-SHARDED_RL_STAGES = {"grpo": ("lora",)}
+SHARDED_RL_STAGES = {"grpo": ("lora",), "ppo": ("lora",)}
 # of those, the ones tested under DeepSpeed ZeRO (full fine-tuning only, so far)
 ZERO_STAGES = ("sft",)
 

@@ -87,7 +87,7 @@ class Trainer:
         model: torch.nn.Module,
         tcfg,
         total_steps: int,
-        param_groups: list[dict] | None = None,
+        param_groups: list[dict] | Callable[[torch.nn.Module], list[dict] | None] | None = None,
         device=None,
         dist=None,
     ):
@@ -126,7 +126,9 @@ class Trainer:
         self.zero = strategy in ("zero2", "zero3")
         if self.sharded:  # before the optimizer exists: it must hold the sharded parameters
             model = sharding.shard(model.to(self.acc.device), dist.reshard_after_forward)
-        groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        # a callable gives the groups of the model as sharded (fsdp2 replaces the parameters)
+        groups = param_groups(model) if callable(param_groups) else param_groups
+        groups = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         if not any(g["params"] for g in groups):
             raise ChatforgeError("nothing to train: the model has no trainable parameters")
         opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)

@@ -181,6 +181,8 @@ def check(cfg: Config) -> None:
         )
     if p.ptx_coef > 0 and not p.ptx_data:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data (SFT files for the pretraining-loss mix)")
+    if cfg.dist.strategy == "fsdp2" and p.layout == "separate":
+        raise ConfigError("dist.strategy=fsdp2 runs PPO's lean layout only: drop ppo.layout=separate")
 
 
 def param_groups(model, critic_lr: float) -> list[dict] | None:
@@ -206,6 +208,7 @@ def run(cfg: Config) -> str:
     from chatforge.rl.kl_control import kl_controller
     from chatforge.rl.rewards import RuleRewards, Scorer
     from chatforge.train.common import log
+    from chatforge.train.dist import unsharded
     from chatforge.train.loop import Trainer
     from chatforge.train.rl_loop import RLStage, load_prompts, run_loop, total_steps, world_size
 
@@ -238,7 +241,8 @@ def run(cfg: Config) -> str:
     steps = total_steps(cfg.train, len(items), p.rollout_batch_size, world)
     per_rollout = p.ppo_epochs * (p.rollout_batch_size * p.samples_per_prompt // p.mini_batch_size)
     model = roles.model()
-    trainer = Trainer(model, cfg.train, steps * per_rollout, param_groups(model, p.critic_lr), device)
+    groups = partial(param_groups, critic_lr=p.critic_lr)  # of the model as the Trainer shards it
+    trainer = Trainer(model, cfg.train, steps * per_rollout, groups, device, dist=cfg.dist)
     kl_ctl = kl_controller(p.kl_coef, p.kl_target, p.kl_horizon)
     reduction = cfg.train.loss_reduction
     # a critic of its own (adapter or model) learns in a backward pass after the actor's; DDP
@@ -280,17 +284,19 @@ def run(cfg: Config) -> str:
         return {k: v / n_updates for k, v in sums.items()}
 
     def step(rl_step, prompts, seeds, bar):  # rollout -> score -> experience -> learn
-        t0 = time.perf_counter()
-        gen = xp.sample(roles, prompts, gen_cfg, p.generation_batch_size, seeds)
-        t1 = time.perf_counter()
-        rollout, parts = xp.score(roles, scorer, prompts, gen, p.score_clip, p.missing_eos_penalty)
-        t2 = time.perf_counter()
-        exp, stats = xp.make_experience(
-            roles, rollout, kl_ctl.value, p.kl_estimator, p.gamma, p.lam, p.whiten_advantages,
-            p.forward_batch_size, trainer.acc.device, trainer.acc.autocast, cfg.data.pad_to_multiple_of,
-            p.advantage, p.samples_per_prompt, all_sum,
-        )  # fmt: skip
-        t3 = time.perf_counter()
+        # under fsdp2 the no-grad phases run on the whole weights, gathered once (dist.unsharded)
+        with unsharded(trainer.model, cfg.dist.reshard_after_forward):
+            t0 = time.perf_counter()
+            gen = xp.sample(roles, prompts, gen_cfg, p.generation_batch_size, seeds)
+            t1 = time.perf_counter()
+            rollout, parts = xp.score(roles, scorer, prompts, gen, p.score_clip, p.missing_eos_penalty)
+            t2 = time.perf_counter()
+            exp, stats = xp.make_experience(
+                roles, rollout, kl_ctl.value, p.kl_estimator, p.gamma, p.lam, p.whiten_advantages,
+                p.forward_batch_size, trainer.acc.device, trainer.acc.autocast,
+                cfg.data.pad_to_multiple_of, p.advantage, p.samples_per_prompt, all_sum,
+            )  # fmt: skip
+            t3 = time.perf_counter()
         metrics = learn(rl_step, exp, bar)
         t4 = time.perf_counter()
         # rollout statistics are means over equal-sized rollouts: average them over processes
