@@ -133,8 +133,13 @@ def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, jsonl, 
     [
         (
             "ppo",
-            ["dist.strategy=fsdp2", "ppo.reward_model=rm"],
-            "dist.strategy=fsdp2 is not supported for the ppo stage",
+            ["dist.strategy=fsdp2", "ppo.reward_model=rm", "peft.method=none"],
+            "with peft.method=none is not supported for the ppo stage yet: use peft.method=lora",
+        ),
+        (
+            "ppo",
+            ["dist.strategy=fsdp2", "ppo.reward_model=rm", "ppo.layout=separate"],
+            "dist.strategy=fsdp2 runs PPO's lean layout only",
         ),
         (
             "grpo",

@@ -1,7 +1,7 @@
-"""GRPO under dist.strategy=fsdp2 (2 CPU processes, gloo, LoRA on a sharded frozen base): the
-rollout decodes on the whole weights gathered once per step, learning runs sharded; the run takes
-the steps of one process at the same global batch, each rank holds half the model, final/ is a
-plain peft adapter dir, and a sharded checkpoint resumes exactly."""
+"""GRPO and PPO's lean layout under dist.strategy=fsdp2 (2 CPU processes, gloo, LoRA on a sharded
+frozen base): the rollout decodes on the whole weights gathered once per step, learning runs
+sharded; a run takes the steps of one process at the same global batch, each rank holds half the
+model, final/ is a plain peft adapter dir, and a sharded checkpoint resumes exactly."""
 
 import shutil
 
@@ -78,25 +78,6 @@ def test_grpo_fsdp2_lora_runs_like_one_process_shards_and_saves_a_peft_adapter(
     assert not torch.allclose(got, _logits(tiny_model_dir), atol=1e-3)  # the adapter learned
 
 
-def test_grpo_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, jsonl, reward_file, tmp_path):
-    data = jsonl(PROMPTS)
-    run = ("train.max_steps=4", "train.save_every=2", "train.keep_last=5")
-    launch("grpo", 2, _args(tiny_model_dir, data, tmp_path / "full", reward_file, 2, *run))
-    ckpt = tmp_path / "full" / "checkpoints" / "step-2"
-    assert {p.name for p in ckpt.glob("optimizer-*.pt")} == {"optimizer-0.pt", "optimizer-1.pt"}
-    shutil.copytree(tmp_path / "full", tmp_path / "part")
-    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-4")
-    shutil.rmtree(tmp_path / "part" / "final")
-    resume = (*run, "train.resume=true")
-    launch("grpo", 2, _args(tiny_model_dir, data, tmp_path / "part", reward_file, 2, *resume))
-    want = {m["step"]: m for m in metrics_of(tmp_path / "full")}
-    got = {m["step"]: m for m in metrics_of(tmp_path / "part")}
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in (3, 4):
-        for key in COMPARED:
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)
-
-
 def _ppo_args(model_dir, data, out, reward, processes, *extra):
     return tiny_run_args(
         model_dir,
@@ -151,3 +132,29 @@ def test_ppo_lean_layout_under_fsdp2_runs_like_one_process_and_shards(
     got = _logits(tiny_model_dir, final)
     assert torch.allclose(got, _logits(tiny_model_dir, tmp_path / "one" / "final"), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, _logits(tiny_model_dir), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("stage", "keys"),
+    [("grpo", COMPARED), ("ppo", ("loss", "policy_loss", "value_loss", "reward", "kl", "kl_coef"))],
+)
+def test_fsdp2_rl_resume_from_a_sharded_checkpoint_is_exact(
+    stage, keys, tiny_model_dir, jsonl, reward_file, tmp_path
+):
+    data = jsonl(PROMPTS)
+    args = {"grpo": _args, "ppo": _ppo_args}[stage]
+    run = ("train.max_steps=4", "train.save_every=2", "train.keep_last=5")
+    launch(stage, 2, args(tiny_model_dir, data, tmp_path / "full", reward_file, 2, *run))
+    ckpt = tmp_path / "full" / "checkpoints" / "step-2"
+    assert {p.name for p in ckpt.glob("optimizer-*.pt")} == {"optimizer-0.pt", "optimizer-1.pt"}
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-4")
+    shutil.rmtree(tmp_path / "part" / "final")
+    resume = (*run, "train.resume=true")
+    launch(stage, 2, args(tiny_model_dir, data, tmp_path / "part", reward_file, 2, *resume))
+    want = {m["step"]: m for m in metrics_of(tmp_path / "full")}
+    got = {m["step"]: m for m in metrics_of(tmp_path / "part")}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in keys:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)

@@ -71,19 +71,21 @@ class PPOModel(nn.Module):
         """
         args = (input_ids, attention_mask, position_ids, target_mask)
         head = self.roles.critic_mode == "head"
+        # values are returned as tensors of their own, not views: FSDP2 hooks a sharded root's
+        # outputs for its backward and warns about views (an in-place change would skip the hook)
         if part == "critic":
             with self.roles.use("critic"):
-                return None, None, self.critic(*args[:3])[:, :-1]
+                return None, None, self.critic(*args[:3])[:, :-1].clone()
         with self.roles.use("actor"):
             if not values:
                 return self.policy(*args)[0], None, None
             out = self.policy(*args, with_entropy=with_entropy, return_hidden=head)
         if head:  # the value head learns on the actor's features; the actor is not moved by it
-            return out[0], out[1], self.critic.read(out[2].detach())
+            return out[0], out[1], self.critic.read(out[2].detach()).clone()
         if part == "actor":
             return out[0], out[1], None
         with self.roles.use("critic"):
-            return out[0], out[1], self.critic(*args[:3])[:, :-1]
+            return out[0], out[1], self.critic(*args[:3])[:, :-1].clone()
 
 
 @dataclass

@@ -236,6 +236,8 @@ def run(cfg: Config) -> str:
     for m in {id(x): x for x in (roles.policy, roles.ref_policy) if x is not None}.values():
         m.temperature = gen_cfg.temperature
     scorer = Scorer(rules, roles.reward)
+    if cfg.dist.strategy == "fsdp2" and world > 1:  # where the base's bytes live
+        roles.notes["base"] += f"; 1/{world} per process (fsdp2), whole during each rollout"
     log(roles.describe())
     ptx = _ptx_items(cfg, roles.tokenizer) if p.ptx_coef > 0 else []
     steps = total_steps(cfg.train, len(items), p.rollout_batch_size, world)
