@@ -50,6 +50,22 @@ def _logits(base_dir, adapter_dir=None):
         return model.eval()(torch.arange(3, 20)[None]).logits
 
 
+def _assert_shards_and_final(one, two, out, model_dir, *dirs):
+    """Each rank of `two` holds about half the parameters and Adam state of `one` (the engine's own
+    local shards), and out/two/final is a peft adapter dir, loadable in a plain process, that gives
+    the one-process run's logits and differs from the base."""
+    ((params, state),) = one
+    assert len(two) == 2
+    for p, s in two:
+        assert 0.4 * params < p < 0.6 * params
+        assert 0.4 * state < s < 0.6 * state
+    final = out / "two" / "final"
+    assert (final / "adapter_config.json").is_file() and all((final / d).is_dir() for d in dirs)
+    got = _logits(model_dir, final)
+    assert torch.allclose(got, _logits(model_dir, out / "one" / "final"), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, _logits(model_dir), atol=1e-3)  # the adapter learned
+
+
 def test_grpo_fsdp2_lora_runs_like_one_process_shards_and_saves_a_peft_adapter(
     tiny_model_dir, jsonl, reward_file, tmp_path
 ):
@@ -64,18 +80,7 @@ def test_grpo_fsdp2_lora_runs_like_one_process_shards_and_saves_a_peft_adapter(
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["grpo_step"], key)
         assert y["first_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert a[-1]["kl"] > 0 and len({r["reward"] for r in a}) > 1  # it learned, the same way in both
-    # the engine's own local shards: each rank holds about half the parameters and Adam state
-    ((params, state),) = one
-    assert len(two) == 2
-    for p, s in two:
-        assert 0.4 * params < p < 0.6 * params
-        assert 0.4 * state < s < 0.6 * state
-    # final/ is a peft adapter dir gathered from the shards, loadable in a plain process
-    final = tmp_path / "two" / "final"
-    assert (final / "adapter_config.json").is_file()
-    got = _logits(tiny_model_dir, final)
-    assert torch.allclose(got, _logits(tiny_model_dir, tmp_path / "one" / "final"), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(got, _logits(tiny_model_dir), atol=1e-3)  # the adapter learned
+    _assert_shards_and_final(one, two, tmp_path, tiny_model_dir)
 
 
 def _ppo_args(model_dir, data, out, reward, processes, *extra):
@@ -122,16 +127,7 @@ def test_ppo_lean_layout_under_fsdp2_runs_like_one_process_and_shards(
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["ppo_step"], key)
         assert y["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # one epoch: on-policy
     assert a[-1]["kl"] > 0  # the actor moved, the same way in both
-    ((params, state),) = one
-    assert len(two) == 2
-    for p, s in two:
-        assert 0.4 * params < p < 0.6 * params
-        assert 0.4 * state < s < 0.6 * state
-    final = tmp_path / "two" / "final"
-    assert (final / "adapter_config.json").is_file() and (final / "critic").is_dir()
-    got = _logits(tiny_model_dir, final)
-    assert torch.allclose(got, _logits(tiny_model_dir, tmp_path / "one" / "final"), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(got, _logits(tiny_model_dir), atol=1e-3)
+    _assert_shards_and_final(one, two, tmp_path, tiny_model_dir, "critic")
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,9 @@ accelerate 1.15 turns an FSDP config into DDP on CPU, so FSDP2 is applied here w
 `fully_shard`, and the sharded model is not passed to `accelerate.prepare`. What is saved does not
 depend on the strategy: `final/` and `trainable.safetensors` hold the full weights gathered from
 the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard), so a
-sharded checkpoint resumes with the same number of processes. GRPO runs sharded with LoRA: its
-rollout decodes inside `unsharded(model)`, which gathers the whole weights once per rollout.
+sharded checkpoint resumes with the same number of processes. GRPO and PPO (lean layout) run
+sharded with LoRA: their rollout decodes inside `unsharded(model)`, which gathers the whole
+weights once per rollout.
 
 `check_supported(stage, strategy, offload, grad_accum, method)` refuses an unsupported combination at start-up in one
 line; `local_bytes(model, optimizer)` reads what this rank really holds from the local shards.
@@ -29,11 +30,11 @@ from chatforge.errors import ConfigError
 
 # stages whose loop is the shared Trainer.fit and whose model is only called through forward()
 SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
-# RL stages that run sharded, and the peft methods tested for them: LoRA on a sharded frozen
-# base, the rollout decoding on the whole weights gathered once (`unsharded`)
-SHARDED_RL_STAGES = {"grpo": ("lora",), "ppo": ("lora",)}
 # of those, the ones tested under DeepSpeed ZeRO (full fine-tuning only, so far)
 ZERO_STAGES = ("sft",)
+# RL stages that run under fsdp2, and the peft methods tested for them: LoRA on a sharded frozen
+# base, the rollout decoding on the whole weights gathered once (`unsharded`)
+SHARDED_RL_STAGES = {"grpo": ("lora",), "ppo": ("lora",)}
 
 
 def resolve(strategy: str, world: int) -> str:

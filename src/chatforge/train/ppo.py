@@ -286,8 +286,7 @@ def run(cfg: Config) -> str:
         return {k: v / n_updates for k, v in sums.items()}
 
     def step(rl_step, prompts, seeds, bar):  # rollout -> score -> experience -> learn
-        # under fsdp2 the no-grad phases run on the whole weights, gathered once (dist.unsharded)
-        with unsharded(trainer.model, cfg.dist.reshard_after_forward):
+        with unsharded(trainer.model, cfg.dist.reshard_after_forward):  # fsdp2: whole weights, once
             t0 = time.perf_counter()
             gen = xp.sample(roles, prompts, gen_cfg, p.generation_batch_size, seeds)
             t1 = time.perf_counter()
