@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chatforge.models.tiny import tiny_model
-from chatforge.rl.engine import Rows, Sampling, decode, pick_tokens
+from chatforge.rl.engine import Rows, Sampling, decode, pick_tokens, shared_prefix_length
 from chatforge.rl.generate import generate, left_pad
 
 TEXTS = ("hello world", "What is two plus three? The answer", "hi", "hello world", "The quick brown fox")
@@ -46,6 +46,28 @@ def test_greedy_tokens_match_transformers_with_shared_prompts_stops_and_left_pad
         alone = [decode(lm, [p], 10, stops, Sampling(greedy=True))[0][0] for p in prompts]
     assert got == want and alone == want
     assert stopped == [r[-1] in stops for r in want]
+
+
+HEAD = "system: You are a helpful assistant, answer briefly. user: "
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2"])
+def test_a_head_every_prompt_shares_is_prefilled_once_with_transformers_tokens(tokenizer, arch):
+    lm = tiny_model(arch, tokenizer, seed=4).eval()
+    prompts = [tokenizer(HEAD + t)["input_ids"] for t in TEXTS]
+    shared = shared_prefix_length(prompts)
+    assert shared >= 8
+    want = transformers_greedy(lm, prompts, 8, [-1], tokenizer.pad_token_id)
+    fed = []  # tokens the model is fed, per forward call
+    hook = lm.get_input_embeddings().register_forward_hook(lambda m, args, out: fed.append(args[0].shape))
+    with torch.no_grad():
+        got, _ = decode(lm, prompts, 8, [-1], Sampling(greedy=True))
+    hook.remove()
+    assert got == want
+    distinct = {tuple(p) for p in prompts}
+    # the head once (1 x shared), then each distinct prompt's rest: fewer than the prompts' tokens
+    assert fed[0] == (1, shared) and fed[1][0] == len(distinct)
+    assert fed[1][1] == max(len(p) for p in distinct) - shared
 
 
 def test_generate_runs_on_the_engine_and_gives_transformers_outputs(tokenizer):

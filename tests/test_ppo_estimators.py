@@ -186,3 +186,50 @@ def test_two_processes_estimate_like_one_with_the_same_global_batch(
         for key in ("loss", "policy_loss", "reward", "kl", "response_length"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["ppo_step"], key)
     assert a[-1]["kl"] > 0
+
+
+def test_branched_rows_give_the_experience_and_gradients_of_plain_rows(tiny_model_dir, tmp_path, jsonl):
+    from chatforge.data.prompts import build_prompt_examples
+    from chatforge.rl import experience as xp
+    from chatforge.rl.build import build_roles
+    from chatforge.rl.rewards import RuleRewards, Scorer
+
+    sft = make_adapter(tiny_model_dir, tmp_path / "sft")
+    roles = build_roles(roles_config(sft, "ppo.advantage=rloo"), CPU)
+    prompts, _ = build_prompt_examples(jsonl(PROMPTS[:3]), roles.tokenizer, 64)
+    group = [p for p in prompts for _ in range(3)]
+    gen = xp.sample(roles, group, GenerateConfig(max_new_tokens=8), row_seeds=list(range(len(group))))
+    rollout, _ = xp.score(roles, Scorer(RuleRewards(["length_penalty"]), None), group, gen)
+    plain, branched = (
+        xp.make_experience(roles, rollout, 0.1, batch_size=6, advantage="rloo", group_size=3, branched=b)[0]
+        for b in (False, True)
+    )
+    for name in ("old_logp", "ref_logp", "kl", "advantages"):
+        torch.testing.assert_close(getattr(plain, name), getattr(branched, name), rtol=1e-4, atol=1e-5)
+    assert plain.old_logp.abs().sum() > 0
+    rows = list(range(len(plain)))
+    one_row = xp.experience_batch(plain, rows[:6], branched=True)
+    assert one_row["input_ids"].shape[0] == 2  # 6 answers to 2 prompts: 2 rows, each prompt once
+    model = roles.model().train()
+    total = sum(ppo.ppo_units(plain.batch([r])) for r in rows)
+
+    def grads(branch):
+        model.zero_grad(set_to_none=True)
+        for lo in (0, 6):
+            batch = xp.experience_batch(plain, rows[lo : lo + 6], branched=branch)
+            loss, m = ppo.ppo_loss(model, batch, total, vf_coef=0.0)
+            loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, m
+
+    (want, m_plain), (got, m_branched) = grads(False), grads(True)
+    assert set(want) == set(got) and any(".actor." in n for n in want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    torch.testing.assert_close(m_branched["entropy"], m_plain["entropy"], rtol=1e-4, atol=1e-6)
+
+
+def test_minibatches_of_whole_prompts_keep_each_prompts_answers_together():
+    order = ppo.minibatch_order(12, seed=3, step=1, epoch=0, group=4)
+    assert sorted(order) == list(range(12))
+    assert all(order[i : i + 4] == list(range(order[i], order[i] + 4)) for i in range(0, 12, 4))
+    assert {tuple(ppo.minibatch_order(12, 3, s, 0, 4)) for s in range(6)} != {tuple(order)}  # shuffled

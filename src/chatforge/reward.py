@@ -102,18 +102,22 @@ def score_rendered(model, tokenizer, texts: Sequence[str], batch_size: int = 8) 
 
 
 def _score_rows(model, tokenizer, rows: list[dict], batch_size: int) -> list[float]:
-    """Raw scores of tokenized rows (`{"input_ids": [...]}`), padded and scored batch by batch."""
+    """Raw scores of tokenized rows (`{"input_ids": [...]}`), in input order; rows of similar length
+    are padded and scored together."""
     import torch
 
     from chatforge.data.collate import pad_batch
 
     device = next(model.parameters()).device
-    scores: list[float] = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # little padding per batch
+    scores = [0.0] * len(rows)
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
-            batch = pad_batch(rows[s : s + batch_size], pad_id=tokenizer.pad_token_id)
+            chunk = order[s : s + batch_size]
+            batch = pad_batch([rows[i] for i in chunk], pad_id=tokenizer.pad_token_id)
             out = model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            scores += out.float().cpu().tolist()
+            for i, value in zip(chunk, out.float().cpu().tolist()):
+                scores[i] = value
     return scores
 
 

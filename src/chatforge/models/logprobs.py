@@ -206,6 +206,14 @@ def branches_supported(lm) -> bool:
     return True
 
 
+def predecessors(states: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    """(B, T-1, ...) states that predict tokens 1..T-1: states[:, :-1] for plain rows, the states at
+    `prev` for branched rows (a branch's first token is predicted from the prefix's end)."""
+    if prev is None:
+        return states[:, :-1]
+    return states[torch.arange(states.shape[0], device=states.device)[:, None], prev[:, 1:]]
+
+
 def token_logprobs(
     lm,
     input_ids: torch.Tensor,
@@ -233,7 +241,7 @@ def token_logprobs(
         logps (B, T-1) fp32: logps[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]), 0 off-target;
         entropy (B, T-1) fp32 of the predictive distribution at the same positions, or None;
         with return_hidden, also the last hidden states (B, T-1, H) those predictions are read from
-        (a value head on the policy uses them: PPO's `ppo.critic=head`).
+        (`predecessors`; a value head on the policy uses them: PPO's `ppo.critic=head`).
     """
     targets = input_ids[:, 1:]
     mask = torch.ones_like(targets, dtype=torch.bool) if target_mask is None else target_mask[:, 1:].bool()
@@ -252,7 +260,7 @@ def token_logprobs(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         lp, ent = head_logprobs(read(hidden), head, targets[mask], temperature, chunk_size, with_entropy)
-        hidden = hidden[:, :-1]
+        hidden = predecessors(hidden, prev)
     else:
         kw = {"position_ids": position_ids} if position_ids is not None else {}
         out = lm(
@@ -264,7 +272,7 @@ def token_logprobs(
         )
         width = input_ids.shape[1]
         logits = out.logits[:, -width:]  # prompt tuning prepends virtual tokens
-        hidden = out.hidden_states[-1][:, -width:][:, :-1] if return_hidden else None
+        hidden = predecessors(out.hidden_states[-1][:, -width:], prev) if return_hidden else None
         sel = read(logits).float() / temperature
         lp = sel.gather(1, targets[mask][:, None]).squeeze(1) - sel.logsumexp(-1)
         ent = torch.distributions.Categorical(logits=sel.detach()).entropy() if with_entropy else None

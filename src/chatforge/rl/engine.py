@@ -5,6 +5,8 @@ every row until the last one stops, a `Rows` batch
 
 - prefills each distinct prompt once and shares its KV cache with every row that repeats it (a
   GRPO group's answers, a PPO prompt sampled several times): exact, the rows start from one cache;
+- prefills the head all prompts share (a chat template's system prompt: 24 of the ~50 tokens of a
+  quickstart prompt) once, and only the rest of each prompt per prompt;
 - writes new keys and values in place into per-layer buffers sized for prompt + answer (`BufferLayer`,
   a transformers cache layer: the model's own attention and masks run unchanged);
 - drops rows that produced a stop token, so the batch shrinks as answers end.
@@ -187,11 +189,23 @@ class Rows:
         from chatforge.rl.generate import left_pad
 
         device = next(lm.parameters()).device
-        ids, mask = left_pad(prompts, 0, device)
-        positions = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
         n = len(prompts) if source is None else len(source)
         rows = torch.arange(n, device=device) if row_ids is None else torch.as_tensor(row_ids, device=device)
-        batch = cls(lm, buffer_cache(max(capacity, ids.shape[1])), mask, positions[:, -1] + 1, rows)
+        # a model that places tokens by the mask alone (no position_ids) runs whole prompts
+        takes_positions = "position_ids" in _forward_args(type(_inner_model(lm)))
+        shared = shared_prefix_length(prompts) if takes_positions else 0
+        ids, mask = left_pad([p[shared:] for p in prompts], 0, device)
+        positions = shared + (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        batch = cls(lm, buffer_cache(max(capacity, shared + ids.shape[1])), mask, positions[:, -1] + 1, rows)
+        if shared:
+            # the common head (a chat template's system prompt) once, its cache copied to every prompt:
+            # rows are [head | left padding | the rest], positions counting real tokens only
+            batch.mask = mask.new_ones(1, shared)
+            batch._forward(
+                torch.tensor([prompts[0][:shared]], device=device), torch.arange(shared)[None].to(device)
+            )
+            batch.cache.batch_select_indices(torch.zeros(len(prompts), dtype=torch.long, device=device))
+            batch.mask = torch.cat([mask.new_ones(len(prompts), shared), mask], 1)
         batch.logits = batch._forward(ids, positions)
         if source is not None and list(source) != list(range(len(prompts))):
             index = torch.as_tensor(source, device=device)
@@ -251,6 +265,24 @@ class Rows:
         self.rows = torch.cat([self.rows, other.rows])
         if self.logits is not None and other.logits is not None:
             self.logits = torch.cat([self.logits, other.logits])
+
+
+def shared_prefix_length(prompts: list[list[int]], minimum: int = 8) -> int:
+    """Tokens at the start of every prompt that `Rows.prefill` runs once: their common prefix, less
+    one token so that every prompt keeps a token of its own (the logits of its next token come from
+    it); 0 for fewer than two prompts or a prefix shorter than `minimum`.
+
+    >>> shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3]], minimum=2)
+    2
+    >>> shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]], minimum=4)
+    0
+    """
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n if n >= minimum else 0
 
 
 def decode(

@@ -121,15 +121,88 @@ def score(roles, scorer, prompts, gen, score_clip: float = 0.0, missing_eos_pena
     return rollout, parts
 
 
+def branched_inputs(
+    prompt_ids, prompt_mask, response_ids, response_mask, width: int, pad_to_multiple_of: int | None = None
+) -> dict | None:
+    """Completions (prompts (b, P) left-padded, responses (b, R) right-padded) as branched rows: each
+    run of adjacent completions with the same prompt becomes one row, the prompt once and the
+    responses after it (`data.collate.collate_branches`), plus where each completion's response
+    tokens sit: `response_row` (b,), `response_col` (b, width) into the (G, T-1) log-probs. None when
+    a response is empty (such a micro-batch keeps plain rows)."""
+    from chatforge.data.collate import collate_branches
+
+    prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]
+    lengths = response_mask.sum(1).tolist()
+    if not all(lengths):
+        return None
+    groups, row_of, starts = [], [], []
+    for prompt, ids, n in zip(prompts, response_ids, lengths):
+        if not groups or groups[-1][0] != prompt:
+            groups.append((prompt, []))
+            at = len(prompt)
+        groups[-1][1].append(ids[:n].tolist())
+        row_of.append(len(groups) - 1)
+        starts.append(at)
+        at += n
+    batch = collate_branches(groups, pad_id=0, pad_to_multiple_of=pad_to_multiple_of)
+    cols = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, (start, n) in enumerate(zip(starts, lengths)):
+        cols[i, :n] = torch.arange(start - 1, start - 1 + n)  # log-probs[t] are those of token t+1
+    batch.pop("last")
+    batch["target_mask"] = batch["branch"] > 0
+    batch["response_row"] = torch.tensor(row_of)
+    batch["response_col"] = cols
+    return batch
+
+
+def response_view(per_position: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(b, w) entries of a per-position tensor (rows, T-1) at each completion's response tokens
+    (w = batch["response_mask"].shape[1]): the last w columns of plain prompt+response rows, or the
+    `branched_inputs` columns of branched rows."""
+    if "response_row" in batch:
+        return per_position[batch["response_row"][:, None], batch["response_col"]]
+    return per_position[:, -batch["response_mask"].shape[1] :]
+
+
+def experience_batch(exp: Experience, rows, device=None, pad_to_multiple_of=None, branched: bool = False):
+    """Rows `rows` of an experience as one micro-batch: `Experience.batch`, or with `branched` the
+    rows that share a prompt as one branched row each (`branched_inputs`), the per-token targets
+    (old_logp, advantages, ...) unchanged."""
+    if not branched:
+        return exp.batch(rows, device, pad_to_multiple_of)
+    index = torch.as_tensor(rows, dtype=torch.long)
+    resp = exp.response_mask.shape[1]
+    prompt = exp.input_ids.shape[1] - resp
+    rmask = exp.response_mask[index]
+    width = max(int(rmask.sum(1).max()), 1)
+    ids, mask = exp.input_ids[index], exp.attention_mask[index]
+    batch = branched_inputs(
+        ids[:, :prompt], mask[:, :prompt], ids[:, prompt:], rmask, width, pad_to_multiple_of
+    )
+    if batch is None:
+        return exp.batch(rows, device, pad_to_multiple_of)
+    batch["response_mask"] = rmask[:, :width]
+    for name in ("old_logp", "old_values", "advantages", "returns"):
+        batch[name] = getattr(exp, name)[index][:, :width]
+    return {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _forward_all(
-    empty: Experience, fn, batch_size: int, device, width: int, n_out: int = 1, multiple: int | None = None
+    empty: Experience,
+    fn,
+    batch_size: int,
+    device,
+    width: int,
+    n_out: int = 1,
+    multiple: int | None = None,
+    branched: bool = False,
 ):
     """Run fn(micro_batch) -> n_out tensors (b, w) over the rollout in micro-batches; gather each
     into (B, width) fp32 on CPU (a tuple when n_out > 1)."""
     outs = [torch.zeros(len(empty), width, dtype=torch.float32) for _ in range(n_out)]
     for s in range(0, len(empty), batch_size):
         rows = list(range(s, min(s + batch_size, len(empty))))
-        got = fn(empty.batch(rows, device, multiple))
+        got = fn(experience_batch(empty, rows, device, multiple, branched))
         for out, vals in zip(outs, got if n_out > 1 else (got,)):
             out[rows, : vals.shape[1]] = vals.float().cpu()
     return tuple(outs) if n_out > 1 else outs[0]
@@ -151,11 +224,14 @@ def make_experience(
     advantage: str = "gae",
     group_size: int = 1,
     all_sum=None,
+    branched: bool = False,
 ) -> tuple[Experience, dict[str, float]]:
     """(Experience, stats) for a scored rollout; forward passes in micro-batches of `batch_size`
-    (widths rounded as `Experience.batch` does with `pad_to_multiple_of`). `advantage` names an
-    estimator of `rl.advantages.ESTIMATORS`; the group ones read the `group_size` answers to each
-    prompt as adjacent rows; `all_sum` sums a tensor over processes (global whitening)."""
+    (widths rounded as `Experience.batch` does with `pad_to_multiple_of`; with `branched`, the
+    answers to one prompt in one branched row, the prompt computed once: `experience_batch`).
+    `advantage` names an estimator of `rl.advantages.ESTIMATORS`; the group ones read the
+    `group_size` answers to each prompt as adjacent rows; `all_sum` sums a tensor over processes
+    (global whitening)."""
     from chatforge.losses.kl import kl_estimate
     from chatforge.losses.reduce import masked_mean
     from chatforge.rl.advantages import ESTIMATORS, estimate
@@ -183,25 +259,28 @@ def make_experience(
 
     model = roles.model()
 
+    def inputs(b):
+        kw = {"prev": b["prev"]} if "prev" in b else {}
+        return (b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"]), kw
+
     def logps_and_values(b):  # the same forward path as the loss (actor, then critic or value head)
-        w = b["response_mask"].shape[1]
+        args, kw = inputs(b)
         with amp():
-            lp, _, v = model(
-                b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"], with_entropy=False
-            )
-        return lp[:, -w:], v[:, -w:]
+            lp, _, v = model(*args, with_entropy=False, **kw)
+        return response_view(lp, b), response_view(v, b)
 
     def ref_logps(b):
+        args, kw = inputs(b)
         with amp():
-            lp, _ = roles.ref_policy(b["input_ids"], b["attention_mask"], b["position_ids"], b["target_mask"])
-        return lp[:, -b["response_mask"].shape[1] :]
+            lp, _ = roles.ref_policy(*args, **kw)
+        return response_view(lp, b)
 
     exp.old_logp, exp.old_values = _forward_all(
-        exp, logps_and_values, batch_size, device, R, 2, pad_to_multiple_of
+        exp, logps_and_values, batch_size, device, R, 2, pad_to_multiple_of, branched
     )
     exp.old_values = exp.old_values * rmask
     with roles.use("ref"):
-        exp.ref_logp = _forward_all(exp, ref_logps, batch_size, device, R, 1, pad_to_multiple_of)
+        exp.ref_logp = _forward_all(exp, ref_logps, batch_size, device, R, 1, pad_to_multiple_of, branched)
     exp.kl = kl_estimate(exp.old_logp, exp.ref_logp, kl_estimator) * rmask
     if not ESTIMATORS[advantage].critic:
         exp.old_values = torch.zeros_like(exp.old_values)  # no critic: nothing to regress, nothing to log

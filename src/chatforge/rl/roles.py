@@ -59,12 +59,15 @@ class PPOModel(nn.Module):
         values: bool = True,
         with_entropy: bool = True,
         part: str | None = None,
+        prev=None,
     ):
         """(logps, entropy, values) for one batch, each (B, T-1) and aligned: position t predicts
         token t+1 and values[:, t] is the value of the state that token is sampled from. With
         values=False (an SFT micro-batch) the critic does not run and values is None; entropy is
         None unless asked for. part="actor" runs the actor alone (values None), part="critic" the
-        critic alone (logps and entropy None), for a loss backwarded one role at a time.
+        critic alone (logps and entropy None), for a loss backwarded one role at a time. `prev`
+        (branched rows, `models.logprobs.token_logprobs`) is taken by the actor and a value head on
+        it; a critic of its own reads plain rows only.
 
         Everything the PPO loss needs goes through this one call, so DDP sees it and syncs gradients;
         experience collection uses it too.
@@ -76,10 +79,13 @@ class PPOModel(nn.Module):
         if part == "critic":
             with self.roles.use("critic"):
                 return None, None, self.critic(*args[:3])[:, :-1].clone()
+        kw = {} if prev is None else {"prev": prev}
+        if prev is not None and not head and values:
+            raise ValueError("branched rows (prev) need ppo.critic=head or no values")
         with self.roles.use("actor"):
             if not values:
-                return self.policy(*args)[0], None, None
-            out = self.policy(*args, with_entropy=with_entropy, return_hidden=head)
+                return self.policy(*args, **kw)[0], None, None
+            out = self.policy(*args, with_entropy=with_entropy, return_hidden=head, **kw)
         if head:  # the value head learns on the actor's features; the actor is not moved by it
             return out[0], out[1], self.critic.read(out[2].detach()).clone()
         if part == "actor":

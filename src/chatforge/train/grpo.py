@@ -71,14 +71,14 @@ def grpo_loss(model, batch, normalizer, clip_eps: float, beta: float, reduction:
 def response_logps(model, batch):
     """Log-probs (b, R) of each completion's response tokens (0 past its end), from one forward of
     the micro-batch: prompt+response rows, or branched rows (a prompt once, its answers after it)."""
+    from chatforge.rl.experience import response_view
+
     ids, mask, pos, target = (
         batch[k] for k in ("input_ids", "attention_mask", "position_ids", "target_mask")
     )
-    if "prev" in batch:
-        logps, _ = model(ids, mask, pos, target, prev=batch["prev"])
-        return logps[batch["response_row"][:, None], batch["response_col"]]
-    logps, _ = model(ids, mask, pos, target)
-    return logps[:, -batch["response_mask"].shape[1] :]
+    kw = {"prev": batch["prev"]} if "prev" in batch else {}
+    logps, _ = model(ids, mask, pos, target, **kw)
+    return response_view(logps, batch)
 
 
 # grpo.loss_aggregation -> the reduction mode of chatforge.losses.reduce
@@ -103,39 +103,6 @@ def sequence_logprobs(model, micro_batches, ctx=None) -> list:
     return out
 
 
-def branched_inputs(gen, sl: slice, width: int, pad_to_multiple_of: int | None = None) -> dict | None:
-    """Rows `sl` of a rollout as branched rows: each run of completions with the same prompt becomes
-    one row, the prompt once and the responses after it (`collate_branches`), plus where each
-    completion's response tokens sit: `response_row` (b,), `response_col` (b, width) into the
-    (G, T-1) log-probs. None when a response is empty (such a micro-batch keeps plain rows)."""
-    import torch
-
-    from chatforge.data.collate import collate_branches
-
-    prompts = [ids[m.bool()].tolist() for ids, m in zip(gen.prompt_ids[sl], gen.prompt_mask[sl])]
-    lengths = gen.response_mask[sl].sum(1).tolist()
-    if not all(lengths):
-        return None
-    groups, row_of, starts = [], [], []
-    for prompt, ids, n in zip(prompts, gen.response_ids[sl], lengths):
-        if not groups or groups[-1][0] != prompt:
-            groups.append((prompt, []))
-            at = len(prompt)
-        groups[-1][1].append(ids[:n].tolist())
-        row_of.append(len(groups) - 1)
-        starts.append(at)
-        at += n
-    batch = collate_branches(groups, pad_id=0, pad_to_multiple_of=pad_to_multiple_of)
-    cols = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, (start, n) in enumerate(zip(starts, lengths)):
-        cols[i, :n] = torch.arange(start - 1, start - 1 + n)  # log-probs[t] are those of token t+1
-    batch.pop("last")
-    batch["target_mask"] = batch["branch"] > 0
-    batch["response_row"] = torch.tensor(row_of)
-    batch["response_col"] = cols
-    return batch
-
-
 def micro_batches(
     gen, advantages, size: int, device, branched: bool = False, pad_to_multiple_of: int | None = None
 ) -> list[dict]:
@@ -145,6 +112,7 @@ def micro_batches(
     import torch
 
     from chatforge.data.collate import bucket_span
+    from chatforge.rl.experience import branched_inputs
     from chatforge.rl.generate import sequence_inputs
 
     ids, mask, positions = sequence_inputs(gen)
@@ -154,7 +122,10 @@ def micro_batches(
         sl = slice(s, s + size)
         rmask = gen.response_mask[sl]
         width = max(int(rmask.sum(1).max()), 1)
-        batch = branched_inputs(gen, sl, width, pad_to_multiple_of) if branched else None
+        batch = None
+        if branched:
+            parts = (gen.prompt_ids[sl], gen.prompt_mask[sl], gen.response_ids[sl], rmask)
+            batch = branched_inputs(*parts, width, pad_to_multiple_of)
         if batch is None:
             # drop columns that are padding in every row: prompt pads on the left, response pads on the right
             lo = int(gen.prompt_mask[sl].argmax(1).min())

@@ -61,7 +61,7 @@ def ppo_loss(
     args = (ids, mask, pos, batch["target_mask"])
     if split:
         return _ppo_parts(model, args, policy, value, vf_coef)
-    logps, entropy, values = model(*args)
+    logps, entropy, values = model(*args, **({"prev": batch["prev"]} if "prev" in batch else {}))
     pg, metrics = policy(logps, entropy)
     if not vf_coef:  # a critic-free estimator: no value function to learn
         return pg, metrics
@@ -85,25 +85,26 @@ def _ppo_parts(model, args, policy, value, vf_coef):
 def _policy_part(logps, entropy, batch, clip_eps, reduction, normalizer):
     from chatforge.losses.policy import ppo_policy_loss
     from chatforge.losses.reduce import masked_mean
+    from chatforge.rl.experience import response_view
 
     rmask = batch["response_mask"]
-    w = rmask.shape[1]
-    logp = logps[:, -w:]
+    logp = response_view(logps, batch)
     pg, metrics = ppo_policy_loss(
         logp, batch["old_logp"], batch["advantages"], rmask, clip_eps, reduction, normalizer
     )
     metrics["policy_loss"] = ppo_policy_loss(
         logp.detach(), batch["old_logp"], batch["advantages"], rmask, clip_eps
     )[0]
-    metrics["entropy"] = masked_mean(entropy[:, -w:], rmask)
+    metrics["entropy"] = masked_mean(response_view(entropy, batch), rmask)
     return pg, metrics
 
 
 def _value_part(values, batch, clip_eps, reduction, normalizer):
     from chatforge.losses.policy import value_loss
+    from chatforge.rl.experience import response_view
 
     rmask = batch["response_mask"]
-    values = values[:, -rmask.shape[1] :]
+    values = response_view(values, batch)
     vl, metrics = value_loss(
         values, batch["old_values"], batch["returns"], rmask, clip_eps, reduction, normalizer
     )
@@ -121,12 +122,20 @@ def ppo_units(batch, reduction: str = "token") -> int:
     return count_units(batch["response_mask"], reduction)
 
 
-def minibatch_order(n: int, seed: int, step: int, epoch: int) -> list[int]:
-    """Row order of a rollout in one PPO epoch: deterministic in (seed, step, epoch) for exact resume."""
+def minibatch_order(n: int, seed: int, step: int, epoch: int, group: int = 1) -> list[int]:
+    """Row order of a rollout in one PPO epoch: deterministic in (seed, step, epoch) for exact resume.
+    With `group` > 1 whole groups of `group` adjacent rows (the answers to one prompt) are shuffled,
+    each kept together and in order, so that a minibatch holds whole prompts (branched rows).
+
+    >>> minibatch_order(6, 0, 0, 0, group=3) in ([0, 1, 2, 3, 4, 5], [3, 4, 5, 0, 1, 2])
+    True
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed * 1000003 + step * 101 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    if group == 1:
+        return torch.randperm(n, generator=g).tolist()
+    return [k * group + i for k in torch.randperm(n // group, generator=g).tolist() for i in range(group)]
 
 
 # critic settings: what a critic-free estimator would silently ignore
@@ -207,7 +216,7 @@ def run(cfg: Config) -> str:
     from chatforge.rl.build import build_roles
     from chatforge.rl.kl_control import kl_controller
     from chatforge.rl.rewards import RuleRewards, Scorer
-    from chatforge.train.common import log
+    from chatforge.train.common import log, share_prompt
     from chatforge.train.dist import unsharded
     from chatforge.train.loop import Trainer
     from chatforge.train.rl_loop import RLStage, load_prompts, run_loop, total_steps, world_size
@@ -259,6 +268,10 @@ def run(cfg: Config) -> str:
         split=split,
     )
     units_fn = partial(ppo_units, reduction=reduction)
+    # the answers to one prompt in one row, the prompt once, where no critic of its own reads rows
+    branched = roles.critic_mode == "head" and share_prompt(cfg, roles.policy.lm, "learning batches")
+    group = p.samples_per_prompt if branched else 1  # minibatches of whole prompts
+    multiple = cfg.data.pad_to_multiple_of
 
     def all_sum(t):  # sums over processes: the global whitening of the advantages
         if trainer.world == 1:
@@ -269,11 +282,11 @@ def run(cfg: Config) -> str:
         """ppo.ppo_epochs passes over the rollout in shuffled minibatches; the mean of their metrics."""
         bs, rank, sums, n_updates = cfg.train.batch_size, trainer.acc.process_index, {}, 0
         for epoch in range(p.ppo_epochs):
-            order = minibatch_order(len(exp), cfg.train.seed, step, epoch)
+            order = minibatch_order(len(exp), cfg.train.seed, step, epoch, group)
             for lo in range(0, len(exp), p.mini_batch_size):
                 rows = order[lo : lo + p.mini_batch_size]
                 micro = [
-                    exp.batch(rows[i : i + bs], trainer.acc.device, cfg.data.pad_to_multiple_of)
+                    xp.experience_batch(exp, rows[i : i + bs], trainer.acc.device, multiple, branched)
                     for i in range(0, len(rows), bs)
                 ]
                 if ptx:  # first: DDP syncs on the last micro-batch, which must run the critic too
@@ -295,7 +308,7 @@ def run(cfg: Config) -> str:
             exp, stats = xp.make_experience(
                 roles, rollout, kl_ctl.value, p.kl_estimator, p.gamma, p.lam, p.whiten_advantages,
                 p.forward_batch_size, trainer.acc.device, trainer.acc.autocast,
-                cfg.data.pad_to_multiple_of, p.advantage, p.samples_per_prompt, all_sum,
+                multiple, p.advantage, p.samples_per_prompt, all_sum, branched,
             )  # fmt: skip
             t3 = time.perf_counter()
         metrics = learn(rl_step, exp, bar)
