@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from chatforge.data.collate import shared_prefix_length
 from chatforge.models.tiny import tiny_model
-from chatforge.rl.engine import Rows, Sampling, decode, pick_tokens, shared_prefix_length
+from chatforge.rl.engine import Rows, Sampling, decode, pick_tokens
 from chatforge.rl.generate import generate, left_pad
 
 TEXTS = ("hello world", "What is two plus three? The answer", "hi", "hello world", "The quick brown fox")

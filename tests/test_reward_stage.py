@@ -267,3 +267,27 @@ def test_rendered_text_scores_the_same_with_the_templates_trailing_newline(train
         in json.loads((out / "chatforge_reward.json").read_text())["input_rendering"]
     )
     assert "strip trailing whitespace" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_scoring_runs_a_shared_head_once_with_the_scores_of_whole_rows(tokenizer, arch):
+    import torch
+
+    from chatforge.models.heads import ScalarHeadModel
+    from chatforge.models.tiny import tiny_model
+    from chatforge.reward import score_rendered
+
+    model = ScalarHeadModel(tiny_model(arch, tokenizer, seed=2)).eval()
+    head = "system: You are a helpful assistant, answer briefly. user: "
+    texts = [head + t for t in ("add 2 and 3 assistant: 5", "say hi assistant: hello there", "hi")]
+    fed = []
+    hook = model.lm.get_input_embeddings().register_forward_hook(lambda m, a, o: fed.append(a[0].shape))
+    got = score_rendered(model, tokenizer, texts, batch_size=3)
+    hook.remove()
+    alone = []
+    for t in texts:
+        ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            alone.append(float(model.score(ids, torch.ones_like(ids))))
+    assert got == pytest.approx(alone, rel=1e-4, abs=1e-5)
+    assert fed[0][0] == 1 and fed[1][0] == 3  # the head alone once, then the three rows' rest

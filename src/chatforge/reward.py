@@ -16,6 +16,7 @@ or a list of chat messages; a response is a string (one assistant turn) or a lis
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from pathlib import Path
 def load_reward_model(path: str | Path, device=None, dtype=None):
     """(ScalarHeadModel in eval mode, tokenizer, meta from score_head.json) from a reward model dir.
 
-    A LoRA reward model is its base (from adapter_config.json) plus the adapter; a full model dir
-    loads directly. `dtype` defaults to float32, `device` to the best available.
+    A LoRA reward model is its base (from adapter_config.json) plus the adapter, folded into the base
+    weights in memory (scoring only: one matmul per layer instead of three); a full model dir loads
+    directly. `dtype` defaults to float32, `device` to the best available.
     """
     import torch
 
@@ -42,6 +44,8 @@ def load_reward_model(path: str | Path, device=None, dtype=None):
     dtype = dtype or torch.float32
     if is_adapter_dir(path):
         lm = load_adapter_model(path, dtype=dtype, device=device)
+        if lm.peft_config["default"].peft_type.value == "LORA":
+            lm = lm.merge_and_unload()
     else:
         lm = load_model(str(path), dtype=dtype, device=device)
     tok = load_tokenizer(str(path))
@@ -106,19 +110,49 @@ def _score_rows(model, tokenizer, rows: list[dict], batch_size: int) -> list[flo
     are padded and scored together."""
     import torch
 
-    from chatforge.data.collate import pad_batch
-
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # little padding per batch
     scores = [0.0] * len(rows)
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
             chunk = order[s : s + batch_size]
-            batch = pad_batch([rows[i] for i in chunk], pad_id=tokenizer.pad_token_id)
-            out = model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out = _score_batch(model, [rows[i]["input_ids"] for i in chunk], tokenizer.pad_token_id, device)
             for i, value in zip(chunk, out.float().cpu().tolist()):
                 scores[i] = value
     return scores
+
+
+def _score_batch(model, rows: list[list[int]], pad_id: int, device):
+    """Scores (b,) of token rows; the head every row shares (a chat template's system prompt) runs
+    once and its KV cache is copied to each row (exact: the same attention, up to float rounding)."""
+    import torch
+    from transformers import DynamicCache
+
+    from chatforge.data.collate import pad_batch, shared_prefix_length
+    from chatforge.models.heads import last_token_index
+    from chatforge.models.logprobs import split_backbone
+
+    parts = split_backbone(model.lm)
+    takes_positions = parts is not None and "position_ids" in inspect.signature(parts[0].forward).parameters
+    shared = shared_prefix_length(rows) if takes_positions else 0
+    if not shared:
+        batch = pad_batch([{"input_ids": r} for r in rows], pad_id=pad_id)
+        return model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    decoder = parts[0]
+    cache = DynamicCache()
+    decoder(input_ids=torch.tensor([rows[0][:shared]], device=device), past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(len(rows))
+    rest = pad_batch([{"input_ids": r[shared:]} for r in rows], pad_id=pad_id)  # padded on the right
+    mask = rest["attention_mask"].to(device)
+    positions = shared + torch.arange(mask.shape[1], device=device).expand_as(mask)
+    hidden = decoder(
+        input_ids=rest["input_ids"].to(device),
+        attention_mask=torch.cat([mask.new_ones(len(rows), shared), mask], 1),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    return model.read(hidden).gather(1, last_token_index(mask)[:, None]).squeeze(1)
 
 
 def spare_pad_token(tokenizer) -> int:

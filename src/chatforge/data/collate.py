@@ -282,3 +282,22 @@ def collate_branches(
         "last": torch.tensor([r[4] + [0] * (k - len(r[4])) for r in rows], dtype=torch.long),
         "num_tokens": sum(len(r[0]) for r in rows),
     }
+
+
+def shared_prefix_length(prompts: list[list[int]], minimum: int = 8) -> int:
+    """Tokens at the start of every sequence that a no-grad forward runs once (`rl.engine.Rows.prefill`,
+    reward scoring): their common prefix, less one token so that every sequence keeps a token of
+    its own (its next-token logits or its score are read there); 0 for fewer than two sequences or
+    a prefix shorter than `minimum`.
+
+    >>> shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3]], minimum=2)
+    2
+    >>> shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]], minimum=4)
+    0
+    """
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n if n >= minimum else 0

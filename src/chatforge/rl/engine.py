@@ -186,6 +186,7 @@ class Rows:
         """Run each prompt once; row b then continues prompt `source[b]` (default: row b is prompt
         b), rows of one prompt sharing its cache. `capacity`: tokens per row the buffers hold before
         growing (prompt + answer). `row_ids`: the caller's id of each row (default 0..B-1)."""
+        from chatforge.data.collate import shared_prefix_length
         from chatforge.rl.generate import left_pad
 
         device = next(lm.parameters()).device
@@ -265,24 +266,6 @@ class Rows:
         self.rows = torch.cat([self.rows, other.rows])
         if self.logits is not None and other.logits is not None:
             self.logits = torch.cat([self.logits, other.logits])
-
-
-def shared_prefix_length(prompts: list[list[int]], minimum: int = 8) -> int:
-    """Tokens at the start of every prompt that `Rows.prefill` runs once: their common prefix, less
-    one token so that every prompt keeps a token of its own (the logits of its next token come from
-    it); 0 for fewer than two prompts or a prefix shorter than `minimum`.
-
-    >>> shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3]], minimum=2)
-    2
-    >>> shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]], minimum=4)
-    0
-    """
-    if len(prompts) < 2:
-        return 0
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != first[i]), n)
-    return n if n >= minimum else 0
 
 
 def decode(
