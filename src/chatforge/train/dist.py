@@ -31,7 +31,9 @@ from chatforge.errors import ConfigError
 # stages whose loop is the shared Trainer.fit and whose model is only called through forward()
 SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
 # of those, the ones tested under DeepSpeed ZeRO (full fine-tuning only, so far)
-ZERO_STAGES = ("sft",)
+ZERO_STAGES = ("sft", "dpo")
+# the peft methods tested under ZeRO ("none" = full fine-tuning)
+ZERO_METHODS = ("none", "lora")
 # RL stages that run under fsdp2, and the peft methods tested for them: LoRA on a sharded frozen
 # base, the rollout decoding on the whole weights gathered once (`unsharded`)
 SHARDED_RL_STAGES = {"grpo": ("lora",), "ppo": ("lora",)}
@@ -59,10 +61,10 @@ def check_supported(
             raise ConfigError(
                 f"dist.strategy={strategy} is not supported for the {stage} stage yet: use {instead}"
             )
-        if method != "none":
+        if method not in ZERO_METHODS:
             raise ConfigError(
                 f"dist.strategy={strategy} with peft.method={method} is not supported yet: use "
-                "dist.strategy=fsdp2 (adapters on a sharded base), or peft.method=none"
+                "peft.method=lora or none, or dist.strategy=fsdp2"
             )
         if grad_accum != 1:
             raise ConfigError(
