@@ -161,20 +161,33 @@ def test_zero_dpo_trains_like_one_process(strategy, method, precompute, tiny_mod
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, jsonl, tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3", "zero2"])
+def test_resume_from_a_sharded_checkpoint_is_exact(strategy, tiny_model_dir, jsonl, tmp_path, capsys):
+    if strategy != "fsdp2":
+        pytest.importorskip("deepspeed")
     data = jsonl(CHATS)
     extra = ("peft.method=none", "train.max_steps=4", "train.save_every=2", "train.keep_last=5")
-    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "full", 2, *extra))
+    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "full", 2, *extra, strategy=strategy))
     ckpt = tmp_path / "full" / "checkpoints" / "step-2"
     assert {p.name for p in ckpt.glob("optimizer-*.pt")} == {"optimizer-0.pt", "optimizer-1.pt"}
     shutil.copytree(tmp_path / "full", tmp_path / "part")
     shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-4")
     shutil.rmtree(tmp_path / "part" / "final")
-    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "part", 2, *extra, "train.resume=true"))
+    resumed = ("train.resume=true",)
+    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "part", 2, *extra, *resumed, strategy=strategy))
     want = {m["step"]: m for m in metrics_of(tmp_path / "full")}
     got = {m["step"]: m for m in metrics_of(tmp_path / "part")}
+    assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6), step
+    got, want = (_logits(tmp_path / run / "final", adapter=False) for run in ("part", "full"))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the per-rank optimizer files need the same number of processes (the same config, in one)
+    shutil.rmtree(tmp_path / "part" / "final")
+    one = _args(tiny_model_dir, data, tmp_path / "part", 2, *extra, *resumed, strategy=strategy)
+    assert main(["sft", *one]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "a checkpoint of 2 processes" in err[-1] and "resume it with 2 processes" in err[-1]
 
 
 @pytest.mark.parametrize(

@@ -4,16 +4,16 @@
     fsdp2   torch's `fully_shard` per decoder layer, then the root: parameters, gradients and
             optimizer state are sharded over the processes (gloo on CPU, NCCL on GPU)
     zero2   DeepSpeed ZeRO-2: gradients and optimizer state partitioned (chatforge.train.zero;
-            SFT with full fine-tuning)
+            SFT and DPO, full fine-tuning or LoRA)
     zero3   DeepSpeed ZeRO-3: parameters partitioned too
 
 accelerate 1.15 turns an FSDP config into DDP on CPU, so FSDP2 is applied here with torch's own
 `fully_shard`, and the sharded model is not passed to `accelerate.prepare`. What is saved does not
 depend on the strategy: `final/` and `trainable.safetensors` hold the full weights gathered from
-the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard), so a
-sharded checkpoint resumes with the same number of processes. GRPO and PPO (lean layout) run
-sharded with LoRA: their rollout decodes inside `unsharded(model)`, which gathers the whole
-weights once per rollout.
+the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard or ZeRO
+partition), so a sharded checkpoint resumes with the same number of processes. GRPO and PPO (lean
+layout) run sharded with LoRA: their rollout decodes inside `unsharded(model)`, which gathers the
+whole weights once per rollout.
 
 `check_supported(stage, strategy, offload, grad_accum, method)` refuses an unsupported combination at start-up in one
 line; `local_bytes(model, optimizer)` reads what this rank really holds from the local shards.
@@ -30,7 +30,7 @@ from chatforge.errors import ConfigError
 
 # stages whose loop is the shared Trainer.fit and whose model is only called through forward()
 SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
-# of those, the ones tested under DeepSpeed ZeRO (full fine-tuning only, so far)
+# of those, the ones tested under DeepSpeed ZeRO
 ZERO_STAGES = ("sft", "dpo")
 # the peft methods tested under ZeRO ("none" = full fine-tuning)
 ZERO_METHODS = ("none", "lora")
