@@ -1,6 +1,6 @@
-"""dist.strategy: FSDP2 under torchrun (2 CPU processes, gloo) trains like one process at the same
-global batch, really shards, saves a plain final/ and resumes exactly; unsupported combinations
-are refused in one line."""
+"""dist.strategy: FSDP2 and DeepSpeed ZeRO-2/3 under torchrun (2 CPU processes, gloo) train like one
+process at the same global batch (SFT; DPO under ZeRO), really shard, save a plain final/ and
+resume exactly; unsupported combinations are refused in one line."""
 
 import math
 import shutil
