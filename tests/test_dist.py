@@ -1,7 +1,8 @@
-"""dist.strategy: FSDP2 under torchrun (2 CPU processes, gloo) trains like one process at the same
-global batch, really shards, saves a plain final/ and resumes exactly; unsupported combinations
-are refused in one line."""
+"""dist.strategy: FSDP2 and DeepSpeed ZeRO-2/3 under torchrun (2 CPU processes, gloo) train like one
+process at the same global batch (SFT; DPO under ZeRO), really shard, save a plain final/ and
+resume exactly; unsupported combinations are refused in one line."""
 
+import math
 import shutil
 
 import pytest
@@ -84,7 +85,9 @@ def test_fsdp2_trains_like_one_process_shards_and_saves_plain_final(method, tiny
     assert not torch.allclose(got, _logits(tiny_model_dir, adapter=False), atol=1e-3)
 
 
-@pytest.mark.parametrize(("strategy", "method"), [("zero2", "none"), ("zero3", "none")])
+@pytest.mark.parametrize(
+    ("strategy", "method"), [("zero2", "none"), ("zero3", "none"), ("zero2", "lora"), ("zero3", "lora")]
+)
 def test_zero_trains_like_one_process_shards_and_saves_plain_final(
     strategy, method, tiny_model_dir, jsonl, tmp_path
 ):
@@ -105,6 +108,10 @@ def test_zero_trains_like_one_process_shards_and_saves_plain_final(
             assert 0.4 * params < p < 0.6 * params
         else:
             assert p == params
+    if method == "lora":  # a plain peft adapter dir, not the whole model
+        names = {p.name for p in (tmp_path / "two" / "final").iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+        assert "model.safetensors" not in names
     got = _logits(tmp_path / "two" / "final", adapter=method == "lora")
     want = _logits(tmp_path / "one" / "final", adapter=method == "lora")
     # partitioned fp32 sums reduce in another order than one process's: a few 1e-6 apart
@@ -112,20 +119,75 @@ def test_zero_trains_like_one_process_shards_and_saves_plain_final(
     assert not torch.allclose(got, _logits(tiny_model_dir, adapter=False), atol=1e-3)
 
 
-def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, jsonl, tmp_path):
+PAIRS = [
+    {"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": "no"}
+    for a in range(1, 5)
+    for b in range(1, 5)
+]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "method", "precompute"),
+    [
+        ("zero2", "none", False),
+        ("zero3", "none", False),
+        ("zero2", "lora", False),
+        ("zero3", "lora", False),
+        ("zero3", "none", True),
+    ],
+)
+def test_zero_dpo_trains_like_one_process(strategy, method, precompute, tiny_model_dir, jsonl, tmp_path):
+    """The reference runs inside the ZeRO step: the adapter switched off on the engine's own
+    (partitioned, under zero3) model for LoRA, a whole frozen copy per rank for full fine-tuning;
+    or once before the first step on the engine's model (dpo.precompute_ref=true)."""
+    pytest.importorskip("deepspeed")
+    data = jsonl(PAIRS)
+    extra = ("train.max_steps=3", f"peft.method={method}", f"dpo.precompute_ref={str(precompute).lower()}")
+    one = launch("dpo", 1, _args(tiny_model_dir, data, tmp_path / "one", 1, *extra, strategy=strategy))
+    two = launch("dpo", 2, _args(tiny_model_dir, data, tmp_path / "two", 2, *extra, strategy=strategy))
+    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    assert a[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy = reference at step 1
+    assert a[2]["loss"] < a[0]["loss"] - 1e-3
+    for key in ("loss", "rewards/margin", "rewards/chosen", "rewards/accuracy", "grad_norm"):
+        assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-4, abs=1e-6), key
+    ((params, state),) = one
+    assert len(two) == 2
+    for p, s in two:
+        assert 0.4 * state < s < 0.6 * state
+        assert 0.4 * params < p < 0.6 * params if strategy == "zero3" else p == params
+    got = _logits(tmp_path / "two" / "final", adapter=method == "lora")
+    want = _logits(tmp_path / "one" / "final", adapter=method == "lora")
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3", "zero2"])
+def test_resume_from_a_sharded_checkpoint_is_exact(strategy, tiny_model_dir, jsonl, tmp_path, capsys):
+    if strategy != "fsdp2":
+        pytest.importorskip("deepspeed")
     data = jsonl(CHATS)
     extra = ("peft.method=none", "train.max_steps=4", "train.save_every=2", "train.keep_last=5")
-    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "full", 2, *extra))
+    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "full", 2, *extra, strategy=strategy))
     ckpt = tmp_path / "full" / "checkpoints" / "step-2"
     assert {p.name for p in ckpt.glob("optimizer-*.pt")} == {"optimizer-0.pt", "optimizer-1.pt"}
     shutil.copytree(tmp_path / "full", tmp_path / "part")
     shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-4")
     shutil.rmtree(tmp_path / "part" / "final")
-    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "part", 2, *extra, "train.resume=true"))
+    resumed = ("train.resume=true",)
+    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "part", 2, *extra, *resumed, strategy=strategy))
     want = {m["step"]: m for m in metrics_of(tmp_path / "full")}
     got = {m["step"]: m for m in metrics_of(tmp_path / "part")}
+    assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6), step
+    got, want = (_logits(tmp_path / run / "final", adapter=False) for run in ("part", "full"))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the per-rank optimizer files need the same number of processes (the same config, in one)
+    shutil.rmtree(tmp_path / "part" / "final")
+    one = _args(tiny_model_dir, data, tmp_path / "part", 2, *extra, *resumed, strategy=strategy)
+    assert main(["sft", *one]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "a checkpoint of 2 processes" in err[-1] and "resume it with 2 processes" in err[-1]
 
 
 @pytest.mark.parametrize(
@@ -148,8 +210,11 @@ def test_fsdp2_resume_from_a_sharded_checkpoint_is_exact(tiny_model_dir, jsonl, 
         ),
         ("grpo", ["dist.strategy=zero3"], "dist.strategy=zero3 is not supported for the grpo stage yet"),
         ("rm", ["dist.strategy=zero2"], "use dist.strategy=fsdp2 or ddp"),
-        ("dpo", ["dist.strategy=zero3"], "dist.strategy=zero3 is not supported for the dpo stage yet"),
-        ("sft", ["dist.strategy=zero3", "peft.method=lora"], "with peft.method=lora is not supported yet"),
+        (
+            "sft",
+            ["dist.strategy=zero3", "peft.method=prompt"],
+            "with peft.method=prompt is not supported yet",
+        ),
         (
             "sft",
             ["dist.strategy=zero2", "train.grad_accum=2", "peft.method=none"],

@@ -4,16 +4,16 @@
     fsdp2   torch's `fully_shard` per decoder layer, then the root: parameters, gradients and
             optimizer state are sharded over the processes (gloo on CPU, NCCL on GPU)
     zero2   DeepSpeed ZeRO-2: gradients and optimizer state partitioned (chatforge.train.zero;
-            SFT with full fine-tuning)
+            SFT and DPO, full fine-tuning or LoRA)
     zero3   DeepSpeed ZeRO-3: parameters partitioned too
 
 accelerate 1.15 turns an FSDP config into DDP on CPU, so FSDP2 is applied here with torch's own
 `fully_shard`, and the sharded model is not passed to `accelerate.prepare`. What is saved does not
 depend on the strategy: `final/` and `trainable.safetensors` hold the full weights gathered from
-the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard), so a
-sharded checkpoint resumes with the same number of processes. GRPO and PPO (lean layout) run
-sharded with LoRA: their rollout decodes inside `unsharded(model)`, which gathers the whole
-weights once per rollout.
+the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard or ZeRO
+partition), so a sharded checkpoint resumes with the same number of processes. GRPO and PPO (lean
+layout) run sharded with LoRA: their rollout decodes inside `unsharded(model)`, which gathers the
+whole weights once per rollout.
 
 `check_supported(stage, strategy, offload, grad_accum, method)` refuses an unsupported combination at start-up in one
 line; `local_bytes(model, optimizer)` reads what this rank really holds from the local shards.
@@ -30,8 +30,10 @@ from chatforge.errors import ConfigError
 
 # stages whose loop is the shared Trainer.fit and whose model is only called through forward()
 SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
-# of those, the ones tested under DeepSpeed ZeRO (full fine-tuning only, so far)
-ZERO_STAGES = ("sft",)
+# of those, the ones tested under DeepSpeed ZeRO
+ZERO_STAGES = ("sft", "dpo")
+# the peft methods tested under ZeRO ("none" = full fine-tuning)
+ZERO_METHODS = ("none", "lora")
 # RL stages that run under fsdp2, and the peft methods tested for them: LoRA on a sharded frozen
 # base, the rollout decoding on the whole weights gathered once (`unsharded`)
 SHARDED_RL_STAGES = {"grpo": ("lora",), "ppo": ("lora",)}
@@ -59,10 +61,10 @@ def check_supported(
             raise ConfigError(
                 f"dist.strategy={strategy} is not supported for the {stage} stage yet: use {instead}"
             )
-        if method != "none":
+        if method not in ZERO_METHODS:
             raise ConfigError(
                 f"dist.strategy={strategy} with peft.method={method} is not supported yet: use "
-                "dist.strategy=fsdp2 (adapters on a sharded base), or peft.method=none"
+                "peft.method=lora or none, or dist.strategy=fsdp2"
             )
         if grad_accum != 1:
             raise ConfigError(

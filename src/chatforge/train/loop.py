@@ -124,6 +124,7 @@ class Trainer:
         strategy = sharding.resolve(dist.strategy if dist else "auto", self.acc.num_processes)
         self.sharded = strategy == "fsdp2"
         self.zero = strategy in ("zero2", "zero3")
+        self.strategy = strategy
         if self.sharded:  # before the optimizer exists: it must hold the sharded parameters
             model = sharding.shard(model.to(self.acc.device), dist.reshard_after_forward)
         # a callable gives the groups of the model as sharded (fsdp2 replaces the parameters)
@@ -396,7 +397,7 @@ class Trainer:
                     shutil.rmtree(tmp, ignore_errors=True)
                     tmp.mkdir(parents=True)
                     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-                    if not (self.sharded or self.zero):  # zero: the partitions are not saved yet
+                    if not (self.sharded or self.zero):  # those save per rank, below
                         ck.save_plain(self.optimizer.state_dict(), tmp / "optimizer.pt")
                     ck.save_plain(self.scheduler.state_dict(), tmp / "scheduler.pt")
                     state = {
@@ -412,6 +413,8 @@ class Trainer:
             ck.save_plain(ck.rng_state(), tmp / f"rng-{rank}.pt")
             if self.sharded:  # each rank's optimizer shard
                 ck.save_plain(sharding.local_optimizer_state(self.optimizer), tmp / f"optimizer-{rank}.pt")
+            elif self.zero:  # each rank's ZeRO partition (its fp32 master weights and Adam state)
+                ck.save_plain(zero.partition_state(self.optimizer), tmp / f"optimizer-{rank}.pt")
         self.acc.wait_for_everyone()
         if self.is_main:
             shutil.rmtree(final, ignore_errors=True)
@@ -437,11 +440,6 @@ class Trainer:
         if not ckpts:
             return None
         path = ckpts[-1]
-        if self.zero:
-            raise ChatforgeError(
-                f"{path}: resuming under dist.strategy=zero2/zero3 is not supported yet (the optimizer "
-                "partitions are not saved): use dist.strategy=fsdp2 for resumable sharded runs"
-            )
         state = ck.read_state(path)
         try:
             weights = load_file(str(path / "trainable.safetensors"))
@@ -453,15 +451,20 @@ class Trainer:
             raise ChatforgeError(
                 f"{path}: checkpoint lacks {len(missing)} trainable tensors (another config?)"
             )
-        sharding.load_full(model, weights)
-        if self.sharded:
-            if state.get("world") != self.world:
-                raise ChatforgeError(
-                    f"{path}: an fsdp2 checkpoint of {state.get('world')} processes; resume it with "
-                    f"{state.get('world')} processes (this run has {self.world})"
-                )
+        per_rank = not (path / "optimizer.pt").is_file()  # fsdp2 and zero save a part per rank
+        if per_rank and state.get("world") != self.world:
+            raise ChatforgeError(
+                f"{path}: a checkpoint of {state.get('world')} processes, each saving its optimizer "
+                f"shard; resume it with {state.get('world')} processes (this run has {self.world})"
+            )
+        if self.strategy != "zero3":  # zero3's parameter partitions come from its optimizer's
+            sharding.load_full(model, weights)
+        if self.sharded or self.zero:
             opt_state = ck.load_plain(path / f"optimizer-{self.acc.process_index}.pt")
-            sharding.load_local_optimizer_state(self.optimizer, opt_state)
+            if self.zero:
+                zero.load_partition_state(self.optimizer, opt_state, self.acc.process_index, self.world)
+            else:
+                sharding.load_local_optimizer_state(self.optimizer, opt_state)
         else:
             self.optimizer.load_state_dict(ck.load_plain(path / "optimizer.pt"))
         self.scheduler.load_state_dict(ck.load_plain(path / "scheduler.pt"))

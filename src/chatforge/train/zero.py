@@ -3,8 +3,11 @@
     zero2   every process holds the whole model; gradients and optimizer states are partitioned
     zero3   parameters are partitioned too, each module's gathered only for its forward/backward
 
-Supported (and tested) for SFT with full fine-tuning: adapters, other stages, train.grad_accum > 1
-and offload are refused at start-up (chatforge.train.dist.check_supported).
+Supported (and tested on 2 CPU processes against one) for SFT and DPO, with full fine-tuning or
+LoRA (`peft.method=lora`); DPO's reference is the adapter switched off on the engine's own model,
+a whole frozen copy per rank (full fine-tuning), or log-probs precomputed before the first step.
+Other stages and peft methods, train.grad_accum > 1 and offload are refused at start-up
+(chatforge.train.dist.check_supported).
 
 The Trainer's torch AdamW becomes the inner optimizer of DeepSpeed's ZeRO optimizer, which steps it
 on this rank's flat fp32 partition; the LR schedule built on it keeps working, since DeepSpeed edits
@@ -12,8 +15,10 @@ its param groups in place. One optimizer step is `engine.backward(loss)` for eac
 `engine.step()` (clipping by `train.max_grad_norm` inside it). The process group is the one
 accelerate created (gloo on CPU, NCCL on GPU); DeepSpeed wraps it. What is saved does not depend on
 the strategy: `final/` and the checkpoints' `trainable.safetensors` hold the full weights, gathered
-on every rank for the save under zero3 (`gathered`). The optimizer partitions are not saved yet,
-so a zero checkpoint is not resumed (the Trainer refuses it in one line).
+on every rank for the save under zero3 (`gathered`). Each rank also saves its ZeRO partition,
+`optimizer-R.pt` (`partition_state`: the fp32 master partition and its Adam state, plain tensors),
+and a resume with the same number of processes loads it back through DeepSpeed's own loader
+(`load_partition_state`), so the steps after the resume repeat the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -77,3 +82,30 @@ def grad_norm(engine) -> torch.Tensor:
     """The global gradient norm DeepSpeed computed in its last step (before clipping)."""
     norm = engine.get_global_grad_norm()
     return torch.as_tensor(0.0 if norm is None else float(norm))
+
+
+def _plain(v) -> bool:
+    """Tensors and plain Python values (exact types: an IntEnum is not plain), what `load_plain` reads."""
+    if torch.is_tensor(v) or v is None or type(v) in (bool, int, float, str):
+        return True
+    if type(v) in (list, tuple):
+        return all(_plain(x) for x in v)
+    if type(v) is dict:
+        return all(type(k) in (int, str) and _plain(x) for k, x in v.items())
+    return False
+
+
+def partition_state(zero_optimizer) -> dict:
+    """This rank's part of the ZeRO optimizer as plain values: the inner AdamW's state over this
+    rank's flat fp32 partition, and that fp32 master partition itself. DeepSpeed's loss-scaler
+    object, stage enum and slice mappings (for its universal checkpoints) are left out: the first is
+    rebuilt the same at start-up (static, scale 1, in fp32 and bf16), the others are not read back."""
+    return {k: v for k, v in zero_optimizer.state_dict().items() if _plain(v)}
+
+
+def load_partition_state(zero_optimizer, state: dict, rank: int, world: int) -> None:
+    """Inverse of `partition_state`, on the same number of processes: DeepSpeed's own loader copies
+    the fp32 master partition back and, under zero3, the model's parameter partitions from it."""
+    states = [None] * world
+    states[rank] = {**state, "loss_scaler": zero_optimizer.loss_scaler}
+    zero_optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
