@@ -232,6 +232,16 @@ def markdown(a: dict) -> str:
     return "\n".join(lines)
 
 
+def _band(value: float, s: dict) -> list[list[float]]:
+    """matplotlib's yerr for a 5-95% band around `value`; a point fit outside its own bootstrap
+    band (a loose law) gets no bar on that side rather than a negative one.
+
+    >>> _band(10.0, {"p5": 8.0, "p95": 11.0}), _band(10.0, {"p5": 12.0, "p95": 15.0})
+    ([[2.0], [1.0]], [[0.0], [5.0]])
+    """
+    return [[max(0.0, value - s["p5"])], [max(0.0, s["p95"] - value)]]
+
+
 def plot(path: Path, a: dict) -> None:
     """Three panels: IsoFLOP curves with their minima, the N_opt frontier, residuals of approach 3."""
     import matplotlib
@@ -293,7 +303,7 @@ def plot(path: Path, a: dict) -> None:
             ax2.errorbar(
                 [p["budget"]],
                 [p["n_opt"]],
-                yerr=[[p["n_opt"] - s["p5"]], [s["p95"] - p["n_opt"]]],
+                yerr=_band(p["n_opt"], s),
                 fmt="o",
                 color="C2",
                 capsize=3,
