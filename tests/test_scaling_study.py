@@ -1,5 +1,6 @@
 """The scaling study runner on a tiny grid: runs, skips finished ones, resumes interrupted ones,
-writes the fit and the plot; a bad grid is a one-line error before any run starts."""
+writes the fit and the plot; a bad grid is a one-line error before any run starts. With `jobs: 2`
+(worker processes) every run ends exactly as with `jobs: 1`, and a failing run is a one-line error."""
 
 from __future__ import annotations
 
@@ -122,6 +123,8 @@ def test_bad_grid_is_one_line_error_before_any_run(study, tmp_path, capsys):
         ({"check_budget": 1e5}, "too small"),
         ({"data": [str(tmp_path / "nope.txt")]}, "no such file"),
         ({"budgets": ["2e8"], "sizes": ["32x1"]}, "at least 2 runs"),
+        ({"jobs": 0}, "jobs must be 1 or more runs at a time \\(got 0\\)"),
+        ({"jobs": -2}, "jobs must be 1 or more"),
     ):
         with pytest.raises(ConfigError, match=match) as e:
             run_study(study(**changes))
@@ -143,6 +146,80 @@ def test_bad_grid_is_one_line_error_before_any_run(study, tmp_path, capsys):
     assert err.startswith("error: budget 1e+03 FLOPs is too small") and err.count("\n") == 1
     assert main(["scaling", "study", str(tmp_path / "study.yaml"), "--dry-run"]) == 2
     assert not (tmp_path / "runs").exists() and not out.exists()
+
+
+def _finals(out):
+    """run name -> (held-out loss, last training loss, steps) of every finished run in `out`."""
+    return {
+        p.parent.name: (r["eval_loss"], r["train_loss"], r["steps"])
+        for p in out.glob("runs/*/result.json")
+        for r in [json.loads(p.read_text())]
+    }
+
+
+def test_jobs_2_gives_every_run_the_losses_of_jobs_1_and_skips_finished_runs(study, tmp_path, capsys):
+    import multiprocessing
+
+    import torch
+
+    threads = torch.get_num_threads()
+    same = dict(bootstrap=0, predict=[], threads=1, check_budget="8e8", check_size="32x1")
+    one = run_study(study(**same, output_dir=str(tmp_path / "one")))
+    capsys.readouterr()
+    two = run_study(study(**same, jobs=2, output_dir=str(tmp_path / "two")))
+    log = capsys.readouterr().out
+    finals = _finals(tmp_path / "two")
+    assert len(finals) == 5 and finals == _finals(tmp_path / "one")
+    # the check run trained beside the grid, yet the fit saw the four grid runs only
+    assert len(two["runs"]) == 4 and two["law"] == one["law"]
+    assert two["check"]["predicted_loss"] == one["check"]["predicted_loss"]
+    assert two["check"]["trained_beside_grid"] and not one["check"]["trained_beside_grid"]
+    assert "trained beside the grid runs" in (tmp_path / "two" / "report.md").read_text()
+    for name in finals:  # every line of a run's output carries its name
+        assert f"[{name}] chatforge scaling: training {name}:" in log
+        assert f"[{name}] chatforge: done:" in log
+    # the check run started first, but its lines (its loss among them) show only after the fit
+    lines = log.splitlines()
+    check_lines = [i for i, x in enumerate(lines) if x.startswith("[check-")]
+    grid_lines = [i for i, x in enumerate(lines) if x.startswith("[c") and i not in check_lines]
+    assert max(grid_lines) < min(check_lines)
+    assert not multiprocessing.active_children()
+    before = _mtimes(tmp_path / "two")
+
+    run_study(study(**same, jobs=2, output_dir=str(tmp_path / "two")))
+    log = capsys.readouterr().out
+    assert "training" not in log and "resuming" not in log and "[" not in log  # no worker started
+    assert _mtimes(tmp_path / "two") == before
+    torch.set_num_threads(threads)
+
+
+def test_failing_run_under_jobs_2_is_one_line_error_and_stops_the_workers(study, tmp_path, capfd):
+    import multiprocessing
+
+    from chatforge.errors import ChatforgeError
+
+    cfg = study(bootstrap=0, predict=[], threads=1, jobs=2)
+    bad = tmp_path / "study" / "runs" / "c4e08-32x2"  # the second-longest run: it starts at once
+    bad.parent.mkdir(parents=True)
+    bad.write_text("not a folder")
+    with pytest.raises(ChatforgeError, match="c4e08-32x2 is a file, not a folder") as e:
+        run_study(cfg)
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+    captured = capfd.readouterr()  # the workers' own stderr too
+    assert "Traceback" not in captured.out + captured.err and "Warning" not in captured.err
+    assert not multiprocessing.active_children()  # the other worker was stopped, not left running
+    assert not (tmp_path / "study" / "scaling.json").exists()
+
+
+def test_runs_start_longest_first_one_core_per_worker():
+    from chatforge.study.grid import longest_first, plan_run
+    from chatforge.study.workers import worker_cores
+
+    grid = [plan_run(s, c, 300, 128, "grid") for c in (2e8, 4e8) for s in ("32x1", "32x2")]
+    check = plan_run("32x1", 1.6e9, 300, 128, "check")
+    order = [r.name for r in longest_first([*grid, check])]
+    assert order == ["check-c1.6e09-32x1", "c4e08-32x1", "c4e08-32x2", "c2e08-32x1", "c2e08-32x2"]
+    assert [worker_cores(i, 1, [0, 1]) for i in range(2)] == [{0}, {1}]
 
 
 def test_dry_run_prints_the_grid_and_writes_nothing(study, tmp_path, capsys):

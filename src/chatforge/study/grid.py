@@ -54,7 +54,14 @@ class StudyConfig:
         default="auto", metadata={"help": "size of the check run; auto = the grid size nearest N_opt"}
     )
     threads: int = field(
-        default=0, metadata={"help": "CPU threads per run; 0 = torch's default (1 is faster on a busy CPU)"}
+        default=0,
+        metadata={
+            "help": "CPU threads per run; 0 = torch's default, 1 with jobs > 1 (1 is faster on a busy CPU)"
+        },
+    )
+    jobs: int = field(
+        default=1,
+        metadata={"help": "runs trained at a time, each in a worker process pinned to its own core(s)"},
     )
     bootstrap: int = field(default=100, metadata={"help": "bootstrap refits for the uncertainties"})
     overrides: list[str] = field(
@@ -116,6 +123,8 @@ def study_from_dict(raw: dict, where: str = "study") -> StudyConfig:
     for key in ("data", "budgets", "sizes"):
         if not getattr(cfg, key):
             raise ConfigError(f"{where}: {key} is empty")
+    if cfg.jobs < 1:
+        raise ConfigError(f"{where}: jobs must be 1 or more runs at a time (got {cfg.jobs})")
     return cfg
 
 
@@ -201,3 +210,15 @@ def predict_budgets(cfg: StudyConfig) -> list[float]:
 def nearest_size(sizes: list[str], vocab_size: int, n_opt: float) -> str:
     """The size whose parameter count is nearest `n_opt` on a log scale."""
     return min(sizes, key=lambda s: abs(math.log(count_params(s, vocab_size) / n_opt)))
+
+
+def longest_first(runs: list[GridRun]) -> list[GridRun]:
+    """`runs` in the order a pool of workers should start them: the longest first, so that no long
+    run starts last. Cost is the budget, then the step count: tiny models on a CPU are bound by the
+    per-step overhead more than by FLOPs, so within a budget the smallest size runs longest.
+
+    >>> runs = [plan_run(s, c, 512, 64) for c in (1e10, 4e10) for s in ("32x1", "32x2")]
+    >>> [r.name for r in longest_first(runs)]
+    ['c4e10-32x1', 'c4e10-32x2', 'c1e10-32x1', 'c1e10-32x2']
+    """
+    return sorted(runs, key=lambda r: (r.budget, r.steps), reverse=True)

@@ -103,8 +103,14 @@ def _optimum(law: Law, flops: float) -> tuple[float, float] | None:
         return None
 
 
-def add_check_prediction(analysis: dict, size: str, n: int, tokens: int, budget: float) -> None:
-    """Predict the held-out loss of a run outside the grid, before it is trained."""
+def add_check_prediction(
+    analysis: dict, size: str, n: int, tokens: int, budget: float, beside: bool | None = None
+) -> None:
+    """Predict the held-out loss of a run outside the grid from the fit of the grid runs alone.
+
+    `beside`: the check run trained beside the grid (True; its result is read only after this
+    prediction is written), after the fit (False), or unknown (None: a refit of finished runs).
+    """
     law = Law(**analysis["law"])
     analysis["check"] = {
         "size": size,
@@ -113,6 +119,7 @@ def add_check_prediction(analysis: dict, size: str, n: int, tokens: int, budget:
         "budget": budget,
         "predicted_loss": law.loss(n, tokens),
         "predicted_spread": spread([x.loss(n, tokens) for x in analysis.get(BOOT_KEY, [])]),
+        "trained_beside_grid": beside,
     }
 
 
@@ -195,7 +202,15 @@ def markdown(a: dict) -> str:
             )
     if "check" in a:
         c = a["check"]
-        lines += ["", "## Check: a run outside the grid, predicted before it was trained", ""]
+        lines += ["", "## Check: a run outside the grid, predicted from the grid runs only", ""]
+        order = {
+            True: "The check run trained beside the grid runs; its loss was read only after this "
+            "prediction, fitted to the grid runs alone, had been written to scaling.json.",
+            False: "The prediction, fitted to the grid runs alone, was written to scaling.json "
+            "before the check run was trained.",
+            None: "Refitted from the grid runs alone by `chatforge scaling fit`, after the check run.",
+        }
+        lines += [order[c.get("trained_beside_grid")], ""]
         lines.append(
             f"size {c['size']} ({c['n_params']:,} params) x {c['tokens']:,} tokens ({c['budget']:.3g} FLOPs): "
             f"predicted {c['predicted_loss']:.4f} {_pm(c['predicted_spread'], '.4f')}"
@@ -215,6 +230,16 @@ def markdown(a: dict) -> str:
         lines += ["", "## Caveats", ""] + [f"- {n}" for n in a["notes"]]
     lines += ["", "![IsoFLOP curves, frontier, residuals](scaling.png)", ""]
     return "\n".join(lines)
+
+
+def _band(value: float, s: dict) -> list[list[float]]:
+    """matplotlib's yerr for a 5-95% band around `value`; a point fit outside its own bootstrap
+    band (a loose law) gets no bar on that side rather than a negative one.
+
+    >>> _band(10.0, {"p5": 8.0, "p95": 11.0}), _band(10.0, {"p5": 12.0, "p95": 15.0})
+    ([[2.0], [1.0]], [[0.0], [5.0]])
+    """
+    return [[max(0.0, value - s["p5"])], [max(0.0, s["p95"] - value)]]
 
 
 def plot(path: Path, a: dict) -> None:
@@ -278,7 +303,7 @@ def plot(path: Path, a: dict) -> None:
             ax2.errorbar(
                 [p["budget"]],
                 [p["n_opt"]],
-                yerr=[[p["n_opt"] - s["p5"]], [s["p95"] - p["n_opt"]]],
+                yerr=_band(p["n_opt"], s),
                 fmt="o",
                 color="C2",
                 capsize=3,

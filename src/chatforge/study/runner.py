@@ -9,10 +9,14 @@ Steps of a study:
 2. train or load the tokenizer, tokenise the corpus once, hold out `eval_fraction` of its blocks;
 3. one pretraining run per (budget, size) in OUTPUT/runs/NAME via the pretrain stage's
    `train_on_blocks`. A run with result.json is finished and skipped; one with checkpoints resumes
-   (`train.resume=true`); each ends with its held-out loss;
+   (`train.resume=true`); each ends with its held-out loss. `jobs: N` trains N runs at a time in
+   worker processes, longest first (chatforge.study.workers);
 4. fit approaches 3 and 2 with a bootstrap (chatforge.study.report) -> report.md, scaling.png,
    scaling.json;
-5. with `check_budget`, predict one larger run's loss from the fit, train it, and report both.
+5. with `check_budget`, predict one larger run's loss from the fit of the grid runs, write the
+   prediction, then read (or train) that run and report both. With `jobs` > 1 and a fixed
+   `check_size` the check run trains beside the grid from the start; its result is read only in
+   this step, after the prediction is on disk.
 """
 
 from __future__ import annotations
@@ -93,6 +97,11 @@ def run_config(cfg: StudyConfig, run: GridRun, tok_path: str, run_dir: Path, res
     )
 
 
+def run_dir(output_dir: str, name: str) -> Path:
+    """The folder of the study run `name`."""
+    return Path(output_dir) / "runs" / name
+
+
 def _eval_loss(run_dir: Path) -> float | None:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [r["eval/loss"] for r in rows if "eval/loss" in r]
@@ -105,22 +114,25 @@ def run_one(cfg: StudyConfig, run: GridRun, tok, tok_path: str, blocks, held) ->
     from chatforge.train.common import start_run
     from chatforge.train.pretrain import train_on_blocks
 
-    run_dir = Path(cfg.output_dir) / "runs" / run.name
-    done = run_dir / "result.json"
+    out = run_dir(cfg.output_dir, run.name)
+    done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text()), False
-    resume = any((run_dir / "checkpoints").glob("step-*/state.json"))
+    resume = any((out / "checkpoints").glob("step-*/state.json"))
     _log(
         f"{'resuming' if resume else 'training'} {run.name}: {run.n_params:,} params x {run.tokens:,} tokens "
         f"= {run.flops:.3g} FLOPs ({run.steps} steps)"
     )
-    pcfg = run_config(cfg, run, tok_path, run_dir, resume)
-    start_run(pcfg, "pretrain")
+    pcfg = run_config(cfg, run, tok_path, out, resume)
     t0 = time.perf_counter()
-    _, last = train_on_blocks(pcfg, tok, blocks, held)
-    loss = last.get("eval/loss", _eval_loss(run_dir))
+    try:
+        start_run(pcfg, "pretrain")
+        _, last = train_on_blocks(pcfg, tok, blocks, held)
+    except ChatforgeError as e:  # the error names the run, whichever process trained it
+        raise type(e)(str(e) if str(out) in str(e) else f"{out}: {e}") from None
+    loss = last.get("eval/loss", _eval_loss(out))
     if loss is None:
-        raise ChatforgeError(f"{run_dir}: finished without a held-out loss; delete the dir to rerun it")
+        raise ChatforgeError(f"{out}: finished without a held-out loss; delete the dir to rerun it")
     result = {
         "name": run.name,
         "kind": run.kind,
@@ -151,7 +163,7 @@ def run_study(cfg: StudyConfig, dry_run: bool = False) -> dict:
     from chatforge.data.dataset import build_text_examples, load_validated
     from chatforge.data.formats import to_text
     from chatforge.errors import ChatforgeError, ConfigError
-    from chatforge.study import report
+    from chatforge.study import report, workers
     from chatforge.train.common import split_eval
 
     # step 1: the grid is checked with an upper bound of the vocabulary before anything is written
@@ -179,28 +191,35 @@ def run_study(cfg: StudyConfig, dry_run: bool = False) -> dict:
     blocks, data_report = build_text_examples(cfg.data, tok, cfg.seq_len)
     blocks, held = split_eval(blocks, cfg.eval_fraction, cfg.seed)
     _log(f"data: {data_report.summary()}; {len(held)} blocks held out")
-    # step 3: the grid, with the exact vocabulary
+    # step 3: the grid, with the exact vocabulary, `jobs` runs at a time
     grid = plan_grid(cfg, len(tok))
-    results = []
-    for run in grid:
-        results.append(run_one(cfg, run, tok, tok_path, blocks, held)[0])
-    # step 4: fit and report
-    analysis = report.analyse(results, predict=predict_budgets(cfg), n_boot=cfg.bootstrap, seed=cfg.seed)
-    # step 5: the check run the fit predicts, kept out of the fit
-    if cfg.check_budget:
-        size = cfg.check_size
-        if size == "auto":
-            pred = analysis["predictions"].get(report.budget_key(cfg.check_budget))
-            if pred is None:
-                raise ChatforgeError(
-                    "check_size: auto needs a compute-optimal N, and this fit has none; name a size"
-                )
-            size = nearest_size(cfg.sizes, len(tok), pred["n_opt"])
-        check = plan_run(size, cfg.check_budget, len(tok), cfg.seq_len * cfg.batch_size, "check")
-        report.add_check_prediction(analysis, check.size, check.n_params, check.tokens, check.budget)
-        report.write(out, analysis)  # the prediction is on disk before the check run starts
-        result, _ = run_one(cfg, check, tok, tok_path, blocks, held)
-        report.add_check_measurement(analysis, result)
+    per_step = cfg.seq_len * cfg.batch_size
+    check = None
+    if cfg.check_budget and cfg.check_size != "auto":
+        check = plan_run(cfg.check_size, cfg.check_budget, len(tok), per_step, "check")
+    with workers.executor(cfg, tok, tok_path, blocks, held) as runs:
+        # a fixed check run may start now (with jobs > 1 it is the longest job, so first); nothing
+        # of it is read before step 5
+        runs.submit(grid + ([check] if check else []))
+        results = [runs.result(run) for run in grid]
+        # step 4: fit and report, from the grid runs only
+        analysis = report.analyse(results, predict=predict_budgets(cfg), n_boot=cfg.bootstrap, seed=cfg.seed)
+        # step 5: the check run the fit predicts, kept out of the fit
+        if cfg.check_budget:
+            if check is None:  # check_size: auto, the grid size nearest the fit's N_opt
+                pred = analysis["predictions"].get(report.budget_key(cfg.check_budget))
+                if pred is None:
+                    raise ChatforgeError(
+                        "check_size: auto needs a compute-optimal N, and this fit has none; name a size"
+                    )
+                size = nearest_size(cfg.sizes, len(tok), pred["n_opt"])
+                check = plan_run(size, cfg.check_budget, len(tok), per_step, "check")
+            beside = cfg.jobs > 1 and cfg.check_size != "auto"
+            report.add_check_prediction(
+                analysis, check.size, check.n_params, check.tokens, check.budget, beside=beside
+            )
+            report.write(out, analysis)  # the prediction is on disk before the check run's result is read
+            report.add_check_measurement(analysis, runs.result(check))
     report.write(out, analysis)
     _log(f"report: {out / 'report.md'}")
     return analysis
