@@ -7,7 +7,10 @@ answers to each, the reward scores them, and `rl.experience` turns them into per
 to one prompt (rloo, group_norm, reinforce_pp_baseline) or whitens returns (reinforce_pp). Then `ppo.ppo_epochs` passes over the
 rollout in shuffled minibatches of `ppo.mini_batch_size`, one optimizer step each (micro-batches of
 `train.batch_size`), on the clipped policy loss + vf_coef x the clipped value loss (+ ptx_coef x
-an SFT loss on `ppo.ptx_data`). In one process a critic of its own (adapter or model) learns in
+an SFT loss on `ppo.ptx_data`). Without a critic of its own (a critic-free estimator, or
+`ppo.critic=head`) the answers to one prompt are one branched row, the prompt once
+(`data.share_prompt`), in experience and learning, and minibatches hold whole prompts. In one
+process a critic of its own (adapter or model) learns in
 a second backward pass after the actor's, so only one role's activations are held at a time. The
 KL coefficient is fixed or adaptive (`ppo.kl_target`).
 
