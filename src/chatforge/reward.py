@@ -133,14 +133,15 @@ def _score_batch(model, rows: list[list[int]], pad_id: int, device):
     from chatforge.models.logprobs import split_backbone
 
     parts = split_backbone(model.lm)
-    takes_positions = parts is not None and "position_ids" in inspect.signature(parts[0].forward).parameters
-    shared = shared_prefix_length(rows) if takes_positions else 0
+    args = inspect.signature(parts[0].forward).parameters if parts is not None else {}
+    shared = shared_prefix_length(rows) if "position_ids" in args else 0
     if not shared:
         batch = pad_batch([{"input_ids": r} for r in rows], pad_id=pad_id)
         return model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device))
     decoder = parts[0]
     cache = DynamicCache()
-    decoder(input_ids=torch.tensor([rows[0][:shared]], device=device), past_key_values=cache, use_cache=True)
+    kw = {"cache" if "cache" in args else "past_key_values": cache}  # transformers 5.x renamed it
+    decoder(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True, **kw)
     cache.batch_repeat_interleave(len(rows))
     rest = pad_batch([{"input_ids": r[shared:]} for r in rows], pad_id=pad_id)  # padded on the right
     mask = rest["attention_mask"].to(device)
@@ -149,8 +150,8 @@ def _score_batch(model, rows: list[list[int]], pad_id: int, device):
         input_ids=rest["input_ids"].to(device),
         attention_mask=torch.cat([mask.new_ones(len(rows), shared), mask], 1),
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
+        **kw,
     ).last_hidden_state
     return model.read(hidden).gather(1, last_token_index(mask)[:, None]).squeeze(1)
 
