@@ -208,7 +208,16 @@ def test_resume_from_a_sharded_checkpoint_is_exact(strategy, tiny_model_dir, jso
             ["dist.strategy=fsdp2", "peft.method=none"],
             "with peft.method=none is not supported for the grpo stage yet: use peft.method=lora",
         ),
-        ("grpo", ["dist.strategy=zero3"], "dist.strategy=zero3 is not supported for the grpo stage yet"),
+        (
+            "ppo",
+            ["dist.strategy=zero3", "ppo.reward_model=rm"],
+            "dist.strategy=zero3 is not supported for the ppo stage yet",
+        ),
+        (
+            "grpo",
+            ["dist.strategy=zero2", "peft.method=none"],
+            "dist.strategy=zero2 with peft.method=none is not supported for the grpo stage yet",
+        ),
         ("rm", ["dist.strategy=zero2"], "use dist.strategy=fsdp2 or ddp"),
         (
             "sft",

@@ -1,7 +1,9 @@
 """GRPO and PPO's lean layout under dist.strategy=fsdp2 (2 CPU processes, gloo, LoRA on a sharded
 frozen base): the rollout decodes on the whole weights gathered once per step, learning runs
 sharded; a run takes the steps of one process at the same global batch, each rank holds half the
-model, final/ is a plain peft adapter dir, and a sharded checkpoint resumes exactly."""
+model, final/ is a plain peft adapter dir, and a sharded checkpoint resumes exactly. GRPO with LoRA
+under DeepSpeed zero2/zero3 runs like one process too (zero3's rollout on the parameters gathered
+once, the engine's hooks off)."""
 
 import shutil
 
@@ -14,7 +16,7 @@ PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} fo
 COMPARED = ("loss", "reward", "reward_std", "kl", "response_length", "clip_frac")
 
 
-def _args(model_dir, data, out, reward, processes, *extra):
+def _args(model_dir, data, out, reward, processes, *extra, strategy="fsdp2"):
     return tiny_run_args(
         model_dir,
         data,
@@ -34,7 +36,7 @@ def _args(model_dir, data, out, reward, processes, *extra):
         "train.scheduler=constant",
         "train.lr=2e-2",
         "train.device=cpu",
-        "dist.strategy=fsdp2",
+        f"dist.strategy={strategy}",
         *extra,
     )
 
@@ -50,14 +52,15 @@ def _logits(base_dir, adapter_dir=None):
         return model.eval()(torch.arange(3, 20)[None]).logits
 
 
-def _assert_shards_and_final(one, two, out, model_dir, *dirs):
-    """Each rank of `two` holds about half the parameters and Adam state of `one` (the engine's own
-    local shards), and out/two/final is a peft adapter dir, loadable in a plain process, that gives
-    the one-process run's logits and differs from the base."""
+def _assert_shards_and_final(one, two, out, model_dir, *dirs, whole_params=False):
+    """Each rank of `two` holds about half the parameters (all of them with `whole_params`, zero2)
+    and Adam state of `one` (the engine's own local shards), and out/two/final is a peft adapter
+    dir, loadable in a plain process, that gives the one-process run's logits and differs from the
+    base."""
     ((params, state),) = one
     assert len(two) == 2
     for p, s in two:
-        assert 0.4 * params < p < 0.6 * params
+        assert p == params if whole_params else 0.4 * params < p < 0.6 * params
         assert 0.4 * state < s < 0.6 * state
     final = out / "two" / "final"
     assert (final / "adapter_config.json").is_file() and all((final / d).is_dir() for d in dirs)
@@ -81,6 +84,32 @@ def test_grpo_fsdp2_lora_runs_like_one_process_shards_and_saves_a_peft_adapter(
         assert y["first_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert a[-1]["kl"] > 0 and len({r["reward"] for r in a}) > 1  # it learned, the same way in both
     _assert_shards_and_final(one, two, tmp_path, tiny_model_dir)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_grpo_zero_lora_runs_like_one_process_partitions_and_saves_a_peft_adapter(
+    strategy, tiny_model_dir, jsonl, reward_file, tmp_path
+):
+    """DeepSpeed ZeRO: under zero3 the rollout decodes on the parameters gathered once per step,
+    with the engine's per-module hooks off; the reference is the adapter switched off on the
+    engine's (partitioned) model."""
+    pytest.importorskip("deepspeed")
+    data = jsonl(PROMPTS)
+    run = ("train.max_steps=3",)
+    one = launch(
+        "grpo", 1, _args(tiny_model_dir, data, tmp_path / "one", reward_file, 1, *run, strategy=strategy)
+    )
+    two = launch(
+        "grpo", 2, _args(tiny_model_dir, data, tmp_path / "two", reward_file, 2, *run, strategy=strategy)
+    )
+    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for key in COMPARED:
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["grpo_step"], key)
+        assert y["first_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert a[-1]["kl"] > 0 and len({r["reward"] for r in a}) > 1
+    _assert_shards_and_final(one, two, tmp_path, tiny_model_dir, whole_params=strategy == "zero2")
 
 
 def _ppo_args(model_dir, data, out, reward, processes, *extra):
@@ -154,3 +183,53 @@ def test_fsdp2_rl_resume_from_a_sharded_checkpoint_is_exact(
     for step in (3, 4):
         for key in keys:
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-6, abs=1e-7), (step, key)
+
+
+ZERO3_UNSHARDED = """
+import json, os, sys, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", rank=0, world_size=1)
+import deepspeed
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from chatforge.train import zero
+from chatforge.train.dist import unsharded
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+want = model(torch.ones(3, 8)).detach()
+config = zero.ds_config(3, 1, 1.0, False)
+config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+whole = lambda: all(p.ds_status == ZeroParamStatus.AVAILABLE for p in model.parameters())
+out = {"before": whole()}
+with unsharded(engine) as m:
+    got = [m(torch.ones(3, 8)) for _ in range(3)]  # several forwards: nothing released between them
+    out["inside"] = whole() and m is model
+    out["same"] = all(torch.allclose(g, want) for g in got)
+out["after"] = whole()
+engine.backward(engine(torch.ones(3, 8)).square().sum())  # the hooks are back: gather, release
+engine.step()
+out["trained"] = not whole() and not torch.allclose(engine(torch.ones(3, 8)).detach(), want)
+print(json.dumps(out))
+"""
+
+
+def test_zero3_unsharded_gathers_once_and_gives_the_hooks_back(tmp_path):
+    """With every parameter partitioned (no persistent ones, unlike the tiny model's), the rollout
+    block keeps the whole weights across forwards and the engine trains as before after it."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-c", ZERO3_UNSHARDED, str(port)], capture_output=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    got = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert got == {"before": False, "inside": True, "same": True, "after": False, "trained": True}

@@ -4,7 +4,7 @@
     fsdp2   torch's `fully_shard` per decoder layer, then the root: parameters, gradients and
             optimizer state are sharded over the processes (gloo on CPU, NCCL on GPU)
     zero2   DeepSpeed ZeRO-2: gradients and optimizer state partitioned (chatforge.train.zero;
-            SFT and DPO, full fine-tuning or LoRA)
+            SFT and DPO, full fine-tuning or LoRA; GRPO with LoRA)
     zero3   DeepSpeed ZeRO-3: parameters partitioned too
 
 accelerate 1.15 turns an FSDP config into DDP on CPU, so FSDP2 is applied here with torch's own
@@ -12,8 +12,9 @@ accelerate 1.15 turns an FSDP config into DDP on CPU, so FSDP2 is applied here w
 depend on the strategy: `final/` and `trainable.safetensors` hold the full weights gathered from
 the shards; the optimizer state is saved per rank (`optimizer-R.pt`, this rank's shard or ZeRO
 partition), so a sharded checkpoint resumes with the same number of processes. GRPO and PPO (lean
-layout) run sharded with LoRA: their rollout decodes inside `unsharded(model)`, which gathers the
-whole weights once per rollout.
+layout) run under fsdp2 with LoRA, GRPO with LoRA under zero2 and zero3 too: the rollout decodes
+inside `unsharded(trainer.model)`, which gathers the whole weights once per rollout (fsdp2,
+zero3) or hands over the engine's model as it is (zero2).
 
 `check_supported(stage, strategy, offload, grad_accum, method)` refuses an unsupported combination at start-up in one
 line; `local_bytes(model, optimizer)` reads what this rank really holds from the local shards.
@@ -22,6 +23,7 @@ line; `local_bytes(model, optimizer)` reads what this rank really holds from the
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -34,6 +36,9 @@ SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
 ZERO_STAGES = ("sft", "dpo")
 # the peft methods tested under ZeRO ("none" = full fine-tuning)
 ZERO_METHODS = ("none", "lora")
+# RL stages tested under DeepSpeed ZeRO, and their peft methods: LoRA, the rollout decoding on the
+# whole weights (`unsharded`, gathered once under zero3)
+ZERO_RL_STAGES = {"grpo": ("lora",)}
 # RL stages that run under fsdp2, and the peft methods tested for them: LoRA on a sharded frozen
 # base, the rollout decoding on the whole weights gathered once (`unsharded`)
 SHARDED_RL_STAGES = {"grpo": ("lora",), "ppo": ("lora",)}
@@ -55,7 +60,13 @@ def check_supported(
 ) -> None:
     """One-line refusal of a stage x strategy x offload this version cannot run, saying what can."""
     if strategy in ("zero2", "zero3"):
-        if stage not in ZERO_STAGES:
+        if stage in ZERO_RL_STAGES and method not in ZERO_RL_STAGES[stage]:
+            methods = " or ".join(f"peft.method={m}" for m in ZERO_RL_STAGES[stage])
+            raise ConfigError(
+                f"dist.strategy={strategy} with peft.method={method} is not supported for the {stage} "
+                f"stage yet: use {methods}, or dist.strategy=ddp"
+            )
+        if stage not in (*ZERO_STAGES, *ZERO_RL_STAGES):
             fsdp2 = stage in SHARDED_STAGES or stage in SHARDED_RL_STAGES
             instead = "dist.strategy=fsdp2 or ddp" if fsdp2 else "dist.strategy=ddp"
             raise ConfigError(
@@ -150,8 +161,10 @@ def local_bytes(model: torch.nn.Module, optimizer) -> tuple[int, int]:
 @contextlib.contextmanager
 def unsharded(model: torch.nn.Module, reshard_after_forward: bool = True) -> Iterator[torch.nn.Module]:
     """All ranks: a block of many small forwards outside the training step (an RL rollout) that
-    runs on the whole weights, gathered once, with no collective inside; a model with no FSDP2
-    modules is yielded as it is.
+    runs on the whole weights, gathered once, with no collective inside. `model` is the Trainer's
+    (`trainer.model`); the block gets the plain module: a DeepSpeed engine's own model on its whole
+    weights (`chatforge.train.zero.unsharded`: gathered under zero3, as it is under zero2); a model
+    with no FSDP2 modules as it is.
 
     Every FSDP2 module is unsharded (`FSDPModule.unshard`, one all-gather per layer) with
     reshard-after-forward off: in torch 2.13 a module's post-forward hook reshards it when that
@@ -164,6 +177,13 @@ def unsharded(model: torch.nn.Module, reshard_after_forward: bool = True) -> Ite
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    deepspeed = sys.modules.get("deepspeed")  # imported by the Trainer when it built an engine
+    if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine):
+        from chatforge.train import zero
+
+        with zero.unsharded(model) as whole:
+            yield whole
+        return
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not modules:
         yield model

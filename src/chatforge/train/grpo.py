@@ -21,7 +21,10 @@ Under `dist.strategy=fsdp2` (LoRA on a sharded frozen base) learning runs sharde
 decodes on the whole weights, gathered once per step and resharded after it
 (`chatforge.train.dist.unsharded`): decoding is one small forward per token, and a sharded layer
 all-gathers in every forward, so the ranks would have to decode in lock step (the same number of
-forwards, whatever their answers' lengths) and pay an all-gather per layer per token.
+forwards, whatever their answers' lengths) and pay an all-gather per layer per token. The same holds
+under `dist.strategy=zero3` (LoRA; the parameters gathered once per rollout, DeepSpeed's per-module
+hooks off while it decodes); under `zero2` every rank holds the whole model and decodes on it as it
+is. Under ZeRO a rank's completions of a step must fit in one micro-batch (`train.batch_size`).
 
 The rollout is `chatforge.rl.experience.group_rollout`; the outer loop, shared with PPO, is
 `chatforge.train.rl_loop`: `train.max_steps` counts GRPO steps and `train.save_every` checkpoints
@@ -175,6 +178,22 @@ def load_reference(cfg: Config, device):
     )
 
 
+def check_zero_batch(strategy: str, world: int, completions: int, batch_size: int) -> None:
+    """Under DeepSpeed ZeRO one optimizer step is one micro-batch (what is tested): a rank's
+    completions must fit in one `train.batch_size`.
+
+    >>> check_zero_batch("zero3", 2, 8, 8), check_zero_batch("fsdp2", 2, 16, 8)
+    (None, None)
+    """
+    from chatforge.errors import ConfigError
+
+    if strategy in ("zero2", "zero3") and world > 1 and completions > batch_size:
+        raise ConfigError(
+            f"dist.strategy={strategy} learns one micro-batch per step: set train.batch_size to at least "
+            f"grpo.prompts_per_step x grpo.num_generations ({completions}), or use dist.strategy=fsdp2"
+        )
+
+
 def run(cfg: Config) -> str:
     from chatforge.errors import ConfigError
     from chatforge.models.heads import disable_dropout
@@ -191,6 +210,9 @@ def run(cfg: Config) -> str:
         raise ConfigError("data.train is empty: give at least one prompt file")
     if g.prompts_per_step < 1 or g.epochs_per_step < 1:
         raise ConfigError("grpo.prompts_per_step and grpo.epochs_per_step must be at least 1")
+    check_zero_batch(
+        cfg.dist.strategy, world_size(), g.prompts_per_step * g.num_generations, cfg.train.batch_size
+    )
     items = load_prompts(cfg, "grpo")
     device = pick_device(cfg.train.device)
     scorer = build_scorer(cfg, items, device)
@@ -208,8 +230,8 @@ def run(cfg: Config) -> str:
     model = trainer.acc.unwrap_model(trainer.model)
 
     def step(rl_step, group, seeds, bar):  # rollout -> score -> group advantages -> learn
-        # under fsdp2 the rollout decodes on the whole weights, gathered once (dist.unsharded)
-        with unsharded(model, cfg.dist.reshard_after_forward):
+        # under fsdp2 and zero3 the rollout decodes on the whole weights, gathered once (dist.unsharded)
+        with unsharded(trainer.model, cfg.dist.reshard_after_forward):
             gen, rewards_t, parts, adv, times = group_rollout(
                 model.lm, tok, group, scorer, gen_cfg, g.num_generations, g.scale_rewards,
                 g.generation_batch_size, seeds,

@@ -4,10 +4,12 @@
     zero3   parameters are partitioned too, each module's gathered only for its forward/backward
 
 Supported (and tested on 2 CPU processes against one) for SFT and DPO, with full fine-tuning or
-LoRA (`peft.method=lora`); DPO's reference is the adapter switched off on the engine's own model,
-a whole frozen copy per rank (full fine-tuning), or log-probs precomputed before the first step.
-Other stages and peft methods, train.grad_accum > 1 and offload are refused at start-up
-(chatforge.train.dist.check_supported).
+LoRA (`peft.method=lora`), and for GRPO with LoRA; DPO's reference is the adapter switched off on
+the engine's own model, a whole frozen copy per rank (full fine-tuning), or log-probs precomputed
+before the first step; GRPO's is the adapter switched off. GRPO's rollout decodes inside
+`unsharded(engine)`: the engine's model as it is under zero2, on its parameters gathered once (the
+per-module hooks off) under zero3. Other stages and peft methods, train.grad_accum > 1 and offload
+are refused at start-up (chatforge.train.dist.check_supported).
 
 The Trainer's torch AdamW becomes the inner optimizer of DeepSpeed's ZeRO optimizer, which steps it
 on this rank's flat fp32 partition; the LR schedule built on it keeps working, since DeepSpeed edits
@@ -76,6 +78,37 @@ def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         yield model
+
+
+@contextlib.contextmanager
+def unsharded(engine) -> Iterator[torch.nn.Module]:
+    """All ranks: the engine's model on its whole weights for a block of many small forwards with
+    no collective inside (an RL rollout, each rank decoding its own prompts); a no-op for zero2.
+
+    Under zero3 every parameter is gathered once (`GatheredParameters`), and DeepSpeed's per-module
+    forward hooks are taken off while the block runs: they would release a module's parameters
+    after its forward (`release_sub_module` ignores an open `GatheredParameters`), and the next
+    forward would all-gather again, a collective every rank must join in the same order. On exit
+    the hooks are registered again (`_register_deepspeed_module`, which also invalidates the
+    coordinator's recorded trace) and the parameters partitioned again. Costs one whole copy of
+    the weights per rank while open."""
+    model = engine.module
+    if engine.zero_optimization_stage() != 3:
+        yield model
+        return
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        for hook in (*offload.forward_hooks, *offload.backward_hooks):
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield model
+        finally:
+            for p in model.parameters():
+                p.ds_active_sub_modules.clear()
+            offload._register_deepspeed_module(model)
 
 
 def grad_norm(engine) -> torch.Tensor:
