@@ -228,8 +228,8 @@ def test_branched_rows_give_the_experience_and_gradients_of_plain_rows(tiny_mode
     torch.testing.assert_close(m_branched["entropy"], m_plain["entropy"], rtol=1e-4, atol=1e-6)
 
 
-def test_minibatches_of_whole_prompts_keep_each_prompts_answers_together():
-    order = ppo.minibatch_order(12, seed=3, step=1, epoch=0, group=4)
-    assert sorted(order) == list(range(12))
-    assert all(order[i : i + 4] == list(range(order[i], order[i] + 4)) for i in range(0, 12, 4))
-    assert {tuple(ppo.minibatch_order(12, 3, s, 0, 4)) for s in range(6)} != {tuple(order)}  # shuffled
+def test_minibatches_are_drawn_as_before_with_each_prompts_answers_together():
+    order = ppo.minibatch_order(16, seed=3, step=1, epoch=0)
+    batches = ppo.minibatches(order, 8)
+    assert [sorted(b) for b in batches] == [sorted(order[:8]), sorted(order[8:])]  # the same rows
+    assert all(b == sorted(b) for b in batches)  # in rollout order: a prompt's answers adjacent

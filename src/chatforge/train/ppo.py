@@ -8,8 +8,8 @@ to one prompt (rloo, group_norm, reinforce_pp_baseline) or whitens returns (rein
 rollout in shuffled minibatches of `ppo.mini_batch_size`, one optimizer step each (micro-batches of
 `train.batch_size`), on the clipped policy loss + vf_coef x the clipped value loss (+ ptx_coef x
 an SFT loss on `ppo.ptx_data`). Without a critic of its own (a critic-free estimator, or
-`ppo.critic=head`) the answers to one prompt are one branched row, the prompt once
-(`data.share_prompt`), in experience and learning, and minibatches hold whole prompts. In one
+`ppo.critic=head`) the answers to one prompt in a micro-batch are one branched row, the prompt
+once (`data.share_prompt`), in experience and learning; minibatches are drawn as with plain rows. In one
 process a critic of its own (adapter or model) learns in
 a second backward pass after the actor's, so only one role's activations are held at a time. The
 KL coefficient is fixed or adaptive (`ppo.kl_target`).
@@ -125,20 +125,23 @@ def ppo_units(batch, reduction: str = "token") -> int:
     return count_units(batch["response_mask"], reduction)
 
 
-def minibatch_order(n: int, seed: int, step: int, epoch: int, group: int = 1) -> list[int]:
-    """Row order of a rollout in one PPO epoch: deterministic in (seed, step, epoch) for exact resume.
-    With `group` > 1 whole groups of `group` adjacent rows (the answers to one prompt) are shuffled,
-    each kept together and in order, so that a minibatch holds whole prompts (branched rows).
-
-    >>> minibatch_order(6, 0, 0, 0, group=3) in ([0, 1, 2, 3, 4, 5], [3, 4, 5, 0, 1, 2])
-    True
-    """
+def minibatch_order(n: int, seed: int, step: int, epoch: int) -> list[int]:
+    """Row order of a rollout in one PPO epoch: deterministic in (seed, step, epoch) for exact resume."""
     import torch
 
     g = torch.Generator().manual_seed(seed * 1000003 + step * 101 + epoch)
-    if group == 1:
-        return torch.randperm(n, generator=g).tolist()
-    return [k * group + i for k in torch.randperm(n // group, generator=g).tolist() for i in range(group)]
+    return torch.randperm(n, generator=g).tolist()
+
+
+def minibatches(order: list[int], size: int) -> list[list[int]]:
+    """`order` cut into minibatches of `size` rows, each minibatch's rows in rollout order: a prompt's
+    answers are adjacent rows of the rollout, so those that share a minibatch sit together there (one
+    branched row) while which rows share it stays random.
+
+    >>> minibatches([5, 0, 3, 1, 4, 2], 3)
+    [[0, 3, 5], [1, 2, 4]]
+    """
+    return [sorted(order[lo : lo + size]) for lo in range(0, len(order), size)]
 
 
 # critic settings: what a critic-free estimator would silently ignore
@@ -273,7 +276,6 @@ def run(cfg: Config) -> str:
     units_fn = partial(ppo_units, reduction=reduction)
     # the answers to one prompt in one row, the prompt once, where no critic of its own reads rows
     branched = roles.critic_mode == "head" and share_prompt(cfg, roles.policy.lm, "learning batches")
-    group = p.samples_per_prompt if branched else 1  # minibatches of whole prompts
     multiple = cfg.data.pad_to_multiple_of
 
     def all_sum(t):  # sums over processes: the global whitening of the advantages
@@ -285,9 +287,8 @@ def run(cfg: Config) -> str:
         """ppo.ppo_epochs passes over the rollout in shuffled minibatches; the mean of their metrics."""
         bs, rank, sums, n_updates = cfg.train.batch_size, trainer.acc.process_index, {}, 0
         for epoch in range(p.ppo_epochs):
-            order = minibatch_order(len(exp), cfg.train.seed, step, epoch, group)
-            for lo in range(0, len(exp), p.mini_batch_size):
-                rows = order[lo : lo + p.mini_batch_size]
+            order = minibatch_order(len(exp), cfg.train.seed, step, epoch)
+            for rows in minibatches(order, p.mini_batch_size):
                 micro = [
                     xp.experience_batch(exp, rows[i : i + bs], trainer.acc.device, multiple, branched)
                     for i in range(0, len(rows), bs)
