@@ -81,7 +81,7 @@ def check(cfg: Config) -> None:
             "pipeline.sft_same_time needs an sft stage with stages after it, e.g. [sft, rm, ppo]"
         )
     if "ppo" in p.stages:  # an estimator that cannot run fails now, not after SFT and the reward model
-        from chatforge.train.ppo import check_estimator
+        from chatforge.rl.build import check_estimator
 
         check_estimator(build_config({**to_flat(cfg), **p.overrides.get("ppo", {})}).ppo)
 

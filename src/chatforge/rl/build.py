@@ -51,6 +51,41 @@ def critic_mode(ppo) -> str:
     return "adapter" if ESTIMATORS[ppo.advantage].critic else "head"
 
 
+# critic settings: what a critic-free estimator would silently ignore
+CRITIC_KEYS = ("critic", "critic_init", "critic_lr", "vf_coef", "value_clip_eps", "lam")
+
+
+def check_estimator(p) -> None:
+    """The advantage estimator against its settings (`cfg.ppo`); the pipeline calls it before any stage runs."""
+    from dataclasses import fields
+
+    from chatforge.config import PPOConfig
+    from chatforge.rl.advantages import ESTIMATORS
+
+    est = ESTIMATORS[p.advantage]
+    if p.samples_per_prompt < 1:
+        raise ConfigError("ppo.samples_per_prompt must be at least 1")
+    if est.grouped and p.samples_per_prompt < 2:
+        raise ConfigError(
+            f"ppo.advantage={p.advantage} compares the answers to one prompt: set ppo.samples_per_prompt "
+            f">= 2 (got {p.samples_per_prompt})"
+        )
+    if not est.critic:
+        default = {f.name: f.default for f in fields(PPOConfig) if f.name in CRITIC_KEYS}
+        set_ = [f"ppo.{k}" for k in CRITIC_KEYS if getattr(p, k) != default[k]]
+        if set_:
+            raise ConfigError(
+                f"ppo.advantage={p.advantage} learns no critic, but {', '.join(set_)} "
+                f"{'is' if len(set_) == 1 else 'are'} set: drop {'it' if len(set_) == 1 else 'them'} "
+                "or use ppo.advantage=gae"
+            )
+    if p.mini_batch_size > 0 and (p.rollout_batch_size * p.samples_per_prompt) % p.mini_batch_size:
+        raise ConfigError(
+            f"ppo.rollout_batch_size x ppo.samples_per_prompt ({p.rollout_batch_size} x "
+            f"{p.samples_per_prompt}) must be a multiple of ppo.mini_batch_size ({p.mini_batch_size})"
+        )
+
+
 def build_roles(cfg, device=None) -> Roles:
     """Load the actor, critic, reference and reward for `chatforge ppo` (layout per peft.method)."""
     from chatforge.models.load import pick_device
