@@ -69,13 +69,19 @@ def _assert_shards_and_final(one, two, out, model_dir, *dirs, whole_params=False
     assert not torch.allclose(got, _logits(model_dir), atol=1e-3)  # the adapter learned
 
 
-def test_grpo_fsdp2_lora_runs_like_one_process_shards_and_saves_a_peft_adapter(
-    tiny_model_dir, jsonl, reward_file, tmp_path
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero2", "zero3"])
+def test_grpo_lora_runs_sharded_like_one_process_and_saves_a_peft_adapter(
+    strategy, tiny_model_dir, jsonl, reward_file, tmp_path
 ):
+    """fsdp2 and zero3: the rollout decodes on the weights gathered once per step (zero3 with the
+    engine's per-module hooks off); the reference is the adapter switched off on the sharded model."""
+    if strategy != "fsdp2":
+        pytest.importorskip("deepspeed")
     data = jsonl(PROMPTS)
     run = ("train.max_steps=3",)
-    one = launch("grpo", 1, _args(tiny_model_dir, data, tmp_path / "one", reward_file, 1, *run))
-    two = launch("grpo", 2, _args(tiny_model_dir, data, tmp_path / "two", reward_file, 2, *run))
+    args = (tiny_model_dir, data)
+    one = launch("grpo", 1, _args(*args, tmp_path / "one", reward_file, 1, *run, strategy=strategy))
+    two = launch("grpo", 2, _args(*args, tmp_path / "two", reward_file, 2, *run, strategy=strategy))
     a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
@@ -83,32 +89,6 @@ def test_grpo_fsdp2_lora_runs_like_one_process_shards_and_saves_a_peft_adapter(
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["grpo_step"], key)
         assert y["first_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert a[-1]["kl"] > 0 and len({r["reward"] for r in a}) > 1  # it learned, the same way in both
-    _assert_shards_and_final(one, two, tmp_path, tiny_model_dir)
-
-
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_grpo_zero_lora_runs_like_one_process_partitions_and_saves_a_peft_adapter(
-    strategy, tiny_model_dir, jsonl, reward_file, tmp_path
-):
-    """DeepSpeed ZeRO: under zero3 the rollout decodes on the parameters gathered once per step,
-    with the engine's per-module hooks off; the reference is the adapter switched off on the
-    engine's (partitioned) model."""
-    pytest.importorskip("deepspeed")
-    data = jsonl(PROMPTS)
-    run = ("train.max_steps=3",)
-    one = launch(
-        "grpo", 1, _args(tiny_model_dir, data, tmp_path / "one", reward_file, 1, *run, strategy=strategy)
-    )
-    two = launch(
-        "grpo", 2, _args(tiny_model_dir, data, tmp_path / "two", reward_file, 2, *run, strategy=strategy)
-    )
-    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        for key in COMPARED:
-            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["grpo_step"], key)
-        assert y["first_ratio"] == pytest.approx(1.0, abs=1e-6)
-    assert a[-1]["kl"] > 0 and len({r["reward"] for r in a}) > 1
     _assert_shards_and_final(one, two, tmp_path, tiny_model_dir, whole_params=strategy == "zero2")
 
 
