@@ -172,7 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `chatforge sft --help | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
+    finally:
+        if as_command:
+            _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun: tear the process group down before the interpreter does. Left to exit, gloo's
+    worker threads can be destroyed still joinable, and a rank aborts ("terminate called without an
+    active exception") after its work is saved, which fails the whole launch."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
