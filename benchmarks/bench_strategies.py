@@ -1,4 +1,5 @@
-"""dist.strategy side by side: `chatforge bench` in 1 process and under torchrun with 2 (ddp, fsdp2).
+"""dist.strategy side by side: `chatforge bench` in 1 process and under torchrun with 2 (ddp, fsdp2,
+fsdp2 with the gathered weights kept from forward to backward, zero2, zero3).
 
     flock /tmp/cf-core0.lock flock /tmp/cf-core1.lock \\
         .venv/bin/python benchmarks/bench_strategies.py --preset 256m --preset mini
@@ -23,13 +24,21 @@ from pathlib import Path
 
 from common import command_line, machine, write_section
 
-RUNS = [("auto", 1), ("ddp", 2), ("fsdp2", 2)]  # one process never shards: auto = none
+# (strategy, processes, extra flags); one process never shards: auto = none. ddp must stay second.
+RUNS = [
+    ("auto", 1, []),
+    ("ddp", 2, []),
+    ("fsdp2", 2, []),
+    ("fsdp2", 2, ["--keep-gathered"]),
+    ("zero2", 2, []),
+    ("zero3", 2, []),
+]
 GIB = 2**30
 
 
-def bench(preset: str, strategy: str, processes: int, args) -> dict:
+def bench(preset: str, strategy: str, processes: int, extra: list[str], args) -> dict:
     out = Path(tempfile.mkdtemp()) / "bench.json"
-    flags = ["--preset", preset, "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    flags = [*extra, "--preset", preset, "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     flags += ["--steps", str(args.steps), "--warmup", "1", "--strategy", strategy, "--json", str(out)]
     if processes == 1:
         cmd = [
@@ -79,17 +88,28 @@ def table(preset: str, results: list[dict]) -> str:
         peak = max(k["peak_bytes"] for k in r["ranks"]) / GIB
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(
-            f"| {r['strategy']} | {r['processes']} | {r['tokens_per_s']:.1f} | {r['tflops']:.4f} | {mfu} | "
+            f"| {label(r)} | {r['processes']} | {r['tokens_per_s']:.1f} | {r['tflops']:.4f} | {mfu} | "
             f"{r['step_s']:.2f} | {held(r):.3f} | {peak:.2f} |"
         )
-    ddp, fsdp = results[1], results[2]
-    lines += [
-        "",
-        f"- fsdp2 / ddp at 2 processes: {held(fsdp) / held(ddp):.2f}x the parameter + optimizer bytes per "
-        f"process (goal <= 0.6x) at {fsdp['tokens_per_s'] / ddp['tokens_per_s']:.2f}x the tokens/s (goal >= 0.7x); "
-        f"peak RSS {max(k['peak_bytes'] for k in fsdp['ranks']) / max(k['peak_bytes'] for k in ddp['ranks']):.2f}x.",
-    ]
+    ddp = results[1]
+    lines.append("")
+    for r in results[2:]:
+        lines.append(
+            f"- {label(r)} / ddp at 2 processes: {held(r) / held(ddp):.2f}x the parameter + optimizer bytes "
+            f"per process at {r['tokens_per_s'] / ddp['tokens_per_s']:.2f}x the tokens/s; peak RSS "
+            f"{peak_rss(r) / peak_rss(ddp):.2f}x."
+        )
+    lines.append("- Goal (fsdp2, zero3): <= 0.6x the bytes at >= 0.7x the tokens/s.")
     return "\n".join(lines)
+
+
+def label(r: dict) -> str:
+    kept = r["strategy"] == "fsdp2" and not r.get("reshard_after_forward", True)
+    return f"{r['strategy']}, kept gathered" if kept else r["strategy"]
+
+
+def peak_rss(r: dict) -> int:
+    return max(k["peak_bytes"] for k in r["ranks"])
 
 
 def main() -> None:
@@ -105,17 +125,19 @@ def main() -> None:
     args = p.parse_args()
     sections = []
     for preset in args.preset:
-        results = [bench(preset, strategy, n, args) for strategy, n in RUNS]
+        results = [bench(preset, strategy, n, extra, args) for strategy, n, extra in RUNS]
         sections.append(table(preset, results))
         print(sections[-1], flush=True)
     body = "\n\n".join(
         [
-            "## dist.strategy: ddp vs fsdp2 (chatforge bench)",
+            "## dist.strategy: ddp vs fsdp2 vs DeepSpeed ZeRO (chatforge bench)",
             f"Command: `{command_line()}` on {machine()}, alone on the machine (both cores).",
             "Full fine-tuning SFT of a random-weight preset in fp32 (AdamW), one thread per process: "
             "the 1-process run on one core, the 2-process runs on two. tokens/s counts all processes; "
             "TFLOP/s counts 6N + 12 x layers x hidden x seq_len per token; MFU is against this CPU's "
-            "fp32 estimate (AVX2: 32 FLOPs per cycle per core, from /proc/cpuinfo) times the processes.",
+            "fp32 estimate (AVX2: 32 FLOPs per cycle per core, from /proc/cpuinfo) times the processes. "
+            "'kept gathered': fsdp2 with `dist.reshard_after_forward=false` (each layer gathered once "
+            "per step instead of twice; the whole weights held between forward and backward).",
             *sections,
         ]
     )

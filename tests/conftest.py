@@ -94,9 +94,10 @@ def one_and_two_processes(stage: str, args, tmp_path) -> tuple[list[dict], list[
     return metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
 
 
-def launch(stage: str, processes: int, args: list[str]) -> list[tuple[int, int]]:
+def launch(stage: str, processes: int, args: list[str], host: list | None = None) -> list[tuple[int, int]]:
     """Run `chatforge STAGE` in 1 process or under torchrun; returns each rank's (parameter,
-    optimizer-state) bytes as the Trainer printed them after its first step."""
+    optimizer-state) bytes as the Trainer printed them after its first step. `host`, a list, gets
+    each rank's "offloaded to host: ..." words from the same lines ("" when nothing is)."""
     import re
     import socket
     import subprocess
@@ -115,7 +116,29 @@ def launch(stage: str, processes: int, args: list[str]) -> list[tuple[int, int]]
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     found = sorted(holds.findall(done.stdout.decode()))
+    if host is not None:
+        offloaded = re.compile(
+            r"rank (\d+)/\d+ holds \d+ parameter bytes and \d+ optimizer-state bytes(?:, offloaded to host: ((?:parameters and )?optimizer))?"
+        )
+        host += [words for _, words in sorted(offloaded.findall(done.stdout.decode()))]
     return [(int(p), int(s)) for _, _, p, s in found]
+
+
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory):
+    """`one_process(stage, args)`, `args(out)` the overrides of a run into `out`: the plain
+    one-process run (no dist.strategy) that the 2-process runs of every strategy are compared with,
+    launched once per distinct (stage, overrides) in the session. Returns (launch's bytes, out)."""
+    runs = {}
+
+    def run(stage: str, args):
+        key = (stage, *args("OUT"))
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"one-{stage}") / "run"
+            runs[key] = launch(stage, 1, args(out)), out
+        return runs[key]
+
+    return run
 
 
 def reward_that_raises(folder, error: str = "RuntimeError('disk full')") -> str:

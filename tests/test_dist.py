@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatforge.cli import main
-from conftest import launch, metrics_of, tiny_run_args
+from conftest import launch, metrics_of, tiny_run_args, write_jsonl
 
 CHATS = [
     {
@@ -23,17 +23,24 @@ CHATS = [
 ]
 
 
-def _args(model_dir, data, out, processes, *extra, strategy="fsdp2"):
+def _args(model_dir, data, out, processes, *extra, strategy=None):
+    """A run at the same global batch of 4 whatever the processes; no strategy: plain ddp (one
+    process never shards: the reference run, which still prints the bytes it holds)."""
     return tiny_run_args(
         model_dir,
         data,
         out,
-        f"train.batch_size={4 // processes}",  # the same global batch of 4
+        f"train.batch_size={4 // processes}",
         "train.lr=1e-2",
         "peft.dropout=0.0",  # each rank draws its own dropout masks
-        f"dist.strategy={strategy}",
+        f"dist.strategy={strategy or 'ddp'}",
         *extra,
     )
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("chats") / "data.jsonl", CHATS)
 
 
 def _logits(model_dir, adapter: bool):
@@ -58,65 +65,75 @@ def _fsdp2_plan(model_dir, method: str, devices: int):
     return per_device(e, "fsdp2", devices=devices)
 
 
-@pytest.mark.parametrize("method", ["none", "lora"])
-def test_fsdp2_trains_like_one_process_shards_and_saves_plain_final(method, tiny_model_dir, jsonl, tmp_path):
-    data = jsonl(CHATS)
-    extra = ("train.max_steps=3", f"peft.method={method}")
-    one = launch("sft", 1, _args(tiny_model_dir, data, tmp_path / "one", 1, *extra))
-    two = launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "two", 2, *extra))
-    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
-    assert len(a) == len(b) == 3
-    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-4)
-    # the engine's own local shards: each rank holds about half the parameters and Adam state
+def _assert_shards(one, two, strategy: str) -> None:
+    """Each of the two ranks holds about half the one-process run's Adam state (the engine's own
+    local shards) and half its parameters, all of them under zero2."""
     ((params, state),) = one
     assert len(two) == 2
     for p, s in two:
-        assert 0.4 * params < p < 0.6 * params
         assert 0.4 * state < s < 0.6 * state
-    # and the planner's fsdp2 shares per device say the same (fp32: weights and Adam states)
-    plan = _fsdp2_plan(tiny_model_dir, method, devices=2)
-    for p, s in two:
-        assert plan.device["weights"] == pytest.approx(p, rel=0.03)
-        assert plan.device["optimizer"] == pytest.approx(s, rel=0.03)
-    # final/ is a plain transformers / peft dir gathered from the shards
-    got = _logits(tmp_path / "two" / "final", adapter=method == "lora")
-    want = _logits(tmp_path / "one" / "final", adapter=method == "lora")
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert p == params if strategy == "zero2" else 0.4 * params < p < 0.6 * params
+
+
+STRATEGIES = ["fsdp2", "zero2", "zero3"]
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sharded_sft_trains_like_one_process_and_saves_plain_final(
+    strategy, method, tiny_model_dir, chats, one_process, tmp_path
+):
+    if strategy != "fsdp2":
+        pytest.importorskip("deepspeed")
+    extra = ("train.max_steps=3", f"peft.method={method}")
+    one, plain = one_process("sft", lambda out: _args(tiny_model_dir, chats, out, 1, *extra))
+    two = launch("sft", 2, _args(tiny_model_dir, chats, tmp_path, 2, *extra, strategy=strategy))
+    a, b = metrics_of(plain), metrics_of(tmp_path)
+    assert len(a) == len(b) == 3
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-4)
+    assert [m["grad_norm"] for m in b] == pytest.approx([m["grad_norm"] for m in a], rel=1e-3)
+    _assert_shards(one, two, strategy)
+    if strategy == "fsdp2":  # the planner's fsdp2 shares per device say the same (fp32)
+        plan = _fsdp2_plan(tiny_model_dir, method, devices=2)
+        for p, s in two:
+            assert plan.device["weights"] == pytest.approx(p, rel=0.03)
+            assert plan.device["optimizer"] == pytest.approx(s, rel=0.03)
+    if method == "lora":  # a plain peft adapter dir, not the whole model
+        names = {p.name for p in (tmp_path / "final").iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+        assert "model.safetensors" not in names
+    # final/ is a plain transformers / peft dir gathered from the shards; partitioned fp32 sums
+    # reduce in another order than one process's (a few 1e-6 apart under ZeRO)
+    got = _logits(tmp_path / "final", adapter=method == "lora")
+    want = _logits(plain / "final", adapter=method == "lora")
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 if strategy == "fsdp2" else 1e-4)
     assert not torch.allclose(got, _logits(tiny_model_dir, adapter=False), atol=1e-3)
 
 
 @pytest.mark.parametrize(
-    ("strategy", "method"), [("zero2", "none"), ("zero3", "none"), ("zero2", "lora"), ("zero3", "lora")]
+    ("strategy", "offload", "held"),
+    [
+        ("fsdp2", "all", "parameters and optimizer"),
+        ("zero2", "optimizer", "optimizer"),
+        ("zero3", "all", "parameters and optimizer"),
+    ],
 )
-def test_zero_trains_like_one_process_shards_and_saves_plain_final(
-    strategy, method, tiny_model_dir, jsonl, tmp_path
+def test_offload_trains_like_one_process(
+    strategy, offload, held, tiny_model_dir, chats, one_process, tmp_path
 ):
-    pytest.importorskip("deepspeed")
-    data = jsonl(CHATS)
-    extra = ("train.max_steps=3", f"peft.method={method}")
-    one = launch("sft", 1, _args(tiny_model_dir, data, tmp_path / "one", 1, *extra, strategy=strategy))
-    two = launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "two", 2, *extra, strategy=strategy))
-    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    """dist.offload: the engine keeps the shards in host memory (read from its own state, printed
+    by each rank), and the steps are those of one process."""
+    if strategy != "fsdp2":
+        pytest.importorskip("deepspeed")
+    extra = ("train.max_steps=3", "peft.method=none")
+    one, plain = one_process("sft", lambda out: _args(tiny_model_dir, chats, out, 1, *extra))
+    host: list[str] = []
+    args = _args(tiny_model_dir, chats, tmp_path, 2, *extra, f"dist.offload={offload}", strategy=strategy)
+    two = launch("sft", 2, args, host)
+    assert host == [held, held]
+    a, b = metrics_of(plain), metrics_of(tmp_path)
     assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-4)
-    assert [m["grad_norm"] for m in b] == pytest.approx([m["grad_norm"] for m in a], rel=1e-3)
-    # DeepSpeed's own partitions: Adam state halves under both; parameters only under zero3
-    ((params, state),) = one
-    assert len(two) == 2
-    for p, s in two:
-        assert 0.4 * state < s < 0.6 * state
-        if strategy == "zero3":
-            assert 0.4 * params < p < 0.6 * params
-        else:
-            assert p == params
-    if method == "lora":  # a plain peft adapter dir, not the whole model
-        names = {p.name for p in (tmp_path / "two" / "final").iterdir()}
-        assert {"adapter_config.json", "adapter_model.safetensors"} <= names
-        assert "model.safetensors" not in names
-    got = _logits(tmp_path / "two" / "final", adapter=method == "lora")
-    want = _logits(tmp_path / "one" / "final", adapter=method == "lora")
-    # partitioned fp32 sums reduce in another order than one process's: a few 1e-6 apart
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(got, _logits(tiny_model_dir, adapter=False), atol=1e-3)
+    _assert_shards(one, two, strategy)
 
 
 PAIRS = [
@@ -124,6 +141,11 @@ PAIRS = [
     for a in range(1, 5)
     for b in range(1, 5)
 ]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "data.jsonl", PAIRS)
 
 
 @pytest.mark.parametrize(
@@ -136,45 +158,41 @@ PAIRS = [
         ("zero3", "none", True),
     ],
 )
-def test_zero_dpo_trains_like_one_process(strategy, method, precompute, tiny_model_dir, jsonl, tmp_path):
+def test_zero_dpo_trains_like_one_process(
+    strategy, method, precompute, tiny_model_dir, pairs, one_process, tmp_path
+):
     """The reference runs inside the ZeRO step: the adapter switched off on the engine's own
     (partitioned, under zero3) model for LoRA, a whole frozen copy per rank for full fine-tuning;
     or once before the first step on the engine's model (dpo.precompute_ref=true)."""
     pytest.importorskip("deepspeed")
-    data = jsonl(PAIRS)
     extra = ("train.max_steps=3", f"peft.method={method}", f"dpo.precompute_ref={str(precompute).lower()}")
-    one = launch("dpo", 1, _args(tiny_model_dir, data, tmp_path / "one", 1, *extra, strategy=strategy))
-    two = launch("dpo", 2, _args(tiny_model_dir, data, tmp_path / "two", 2, *extra, strategy=strategy))
-    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    one, plain = one_process("dpo", lambda out: _args(tiny_model_dir, pairs, out, 1, *extra))
+    two = launch("dpo", 2, _args(tiny_model_dir, pairs, tmp_path, 2, *extra, strategy=strategy))
+    a, b = metrics_of(plain), metrics_of(tmp_path)
     assert len(a) == len(b) == 3
     assert a[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy = reference at step 1
     assert a[2]["loss"] < a[0]["loss"] - 1e-3
     for key in ("loss", "rewards/margin", "rewards/chosen", "rewards/accuracy", "grad_norm"):
         assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-4, abs=1e-6), key
-    ((params, state),) = one
-    assert len(two) == 2
-    for p, s in two:
-        assert 0.4 * state < s < 0.6 * state
-        assert 0.4 * params < p < 0.6 * params if strategy == "zero3" else p == params
-    got = _logits(tmp_path / "two" / "final", adapter=method == "lora")
-    want = _logits(tmp_path / "one" / "final", adapter=method == "lora")
+    _assert_shards(one, two, strategy)
+    got = _logits(tmp_path / "final", adapter=method == "lora")
+    want = _logits(plain / "final", adapter=method == "lora")
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero3", "zero2"])
-def test_resume_from_a_sharded_checkpoint_is_exact(strategy, tiny_model_dir, jsonl, tmp_path, capsys):
+def test_resume_from_a_sharded_checkpoint_is_exact(strategy, tiny_model_dir, chats, tmp_path, capsys):
     if strategy != "fsdp2":
         pytest.importorskip("deepspeed")
-    data = jsonl(CHATS)
     extra = ("peft.method=none", "train.max_steps=4", "train.save_every=2", "train.keep_last=5")
-    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "full", 2, *extra, strategy=strategy))
+    launch("sft", 2, _args(tiny_model_dir, chats, tmp_path / "full", 2, *extra, strategy=strategy))
     ckpt = tmp_path / "full" / "checkpoints" / "step-2"
     assert {p.name for p in ckpt.glob("optimizer-*.pt")} == {"optimizer-0.pt", "optimizer-1.pt"}
     shutil.copytree(tmp_path / "full", tmp_path / "part")
     shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-4")
     shutil.rmtree(tmp_path / "part" / "final")
     resumed = ("train.resume=true",)
-    launch("sft", 2, _args(tiny_model_dir, data, tmp_path / "part", 2, *extra, *resumed, strategy=strategy))
+    launch("sft", 2, _args(tiny_model_dir, chats, tmp_path / "part", 2, *extra, *resumed, strategy=strategy))
     want = {m["step"]: m for m in metrics_of(tmp_path / "full")}
     got = {m["step"]: m for m in metrics_of(tmp_path / "part")}
     assert sorted(got) == [1, 2, 3, 4]
@@ -184,7 +202,7 @@ def test_resume_from_a_sharded_checkpoint_is_exact(strategy, tiny_model_dir, jso
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     # the per-rank optimizer files need the same number of processes (the same config, in one)
     shutil.rmtree(tmp_path / "part" / "final")
-    one = _args(tiny_model_dir, data, tmp_path / "part", 2, *extra, *resumed, strategy=strategy)
+    one = _args(tiny_model_dir, chats, tmp_path / "part", 2, *extra, *resumed, strategy=strategy)
     assert main(["sft", *one]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "a checkpoint of 2 processes" in err[-1] and "resume it with 2 processes" in err[-1]
@@ -229,7 +247,9 @@ def test_resume_from_a_sharded_checkpoint_is_exact(strategy, tiny_model_dir, jso
             ["dist.strategy=zero2", "train.grad_accum=2", "peft.method=none"],
             "with train.grad_accum=2 is not supported",
         ),
-        ("sft", ["dist.offload=optimizer"], "dist.offload=optimizer is not supported"),
+        ("sft", ["dist.offload=optimizer"], "dist.offload=optimizer needs a sharded strategy"),
+        ("sft", ["dist.strategy=fsdp2", "dist.offload=optimizer"], "with fsdp2 (torch's fully_shard"),
+        ("sft", ["dist.strategy=zero2", "dist.offload=all", "peft.method=none"], "use dist.strategy=zero3"),
     ],
 )
 def test_unsupported_combinations_are_refused_in_one_line(stage, overrides, says, tmp_path, capsys):

@@ -10,13 +10,14 @@ import shutil
 import pytest
 import torch
 
-from conftest import launch, metrics_of, tiny_run_args
+from conftest import SEVEN_REWARD, launch, metrics_of, tiny_run_args, write_jsonl
 
 PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
 COMPARED = ("loss", "reward", "reward_std", "kl", "response_length", "clip_frac")
 
 
 def _args(model_dir, data, out, reward, processes, *extra, strategy="fsdp2"):
+    """A GRPO run at the same global batch whatever the processes; strategy None: plain training."""
     return tiny_run_args(
         model_dir,
         data,
@@ -36,9 +37,22 @@ def _args(model_dir, data, out, reward, processes, *extra, strategy="fsdp2"):
         "train.scheduler=constant",
         "train.lr=2e-2",
         "train.device=cpu",
-        f"dist.strategy={strategy}",
+        f"dist.strategy={strategy or 'ddp'}",  # one process never shards: the plain reference
         *extra,
     )
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "data.jsonl", PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def seven(tmp_path_factory):
+    """The rule reward of conftest's `reward_file`, in one file for the whole module."""
+    path = tmp_path_factory.mktemp("reward") / "rewards.py"
+    path.write_text(SEVEN_REWARD)
+    return f"{path}:has_seven"
 
 
 def _logits(base_dir, adapter_dir=None):
@@ -52,9 +66,9 @@ def _logits(base_dir, adapter_dir=None):
         return model.eval()(torch.arange(3, 20)[None]).logits
 
 
-def _assert_shards_and_final(one, two, out, model_dir, *dirs, whole_params=False):
+def _assert_shards_and_final(one, two, one_dir, two_dir, model_dir, *dirs, whole_params=False):
     """Each rank of `two` holds about half the parameters (all of them with `whole_params`, zero2)
-    and Adam state of `one` (the engine's own local shards), and out/two/final is a peft adapter
+    and Adam state of `one` (the engine's own local shards), and two_dir/final is a peft adapter
     dir, loadable in a plain process, that gives the one-process run's logits and differs from the
     base."""
     ((params, state),) = one
@@ -62,34 +76,34 @@ def _assert_shards_and_final(one, two, out, model_dir, *dirs, whole_params=False
     for p, s in two:
         assert p == params if whole_params else 0.4 * params < p < 0.6 * params
         assert 0.4 * state < s < 0.6 * state
-    final = out / "two" / "final"
+    final = two_dir / "final"
     assert (final / "adapter_config.json").is_file() and all((final / d).is_dir() for d in dirs)
     got = _logits(model_dir, final)
-    assert torch.allclose(got, _logits(model_dir, out / "one" / "final"), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(got, _logits(model_dir, one_dir / "final"), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, _logits(model_dir), atol=1e-3)  # the adapter learned
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "zero2", "zero3"])
 def test_grpo_lora_runs_sharded_like_one_process_and_saves_a_peft_adapter(
-    strategy, tiny_model_dir, jsonl, reward_file, tmp_path
+    strategy, tiny_model_dir, prompts, seven, one_process, tmp_path
 ):
     """fsdp2 and zero3: the rollout decodes on the weights gathered once per step (zero3 with the
     engine's per-module hooks off); the reference is the adapter switched off on the sharded model."""
     if strategy != "fsdp2":
         pytest.importorskip("deepspeed")
-    data = jsonl(PROMPTS)
+    args = (tiny_model_dir, prompts)
     run = ("train.max_steps=3",)
-    args = (tiny_model_dir, data)
-    one = launch("grpo", 1, _args(*args, tmp_path / "one", reward_file, 1, *run, strategy=strategy))
-    two = launch("grpo", 2, _args(*args, tmp_path / "two", reward_file, 2, *run, strategy=strategy))
-    a, b = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    one, plain = one_process("grpo", lambda out: _args(*args, out, seven, 1, *run, strategy=None))
+    two = launch("grpo", 2, _args(*args, tmp_path / "two", seven, 2, *run, strategy=strategy))
+    a, b = metrics_of(plain), metrics_of(tmp_path / "two")
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         for key in COMPARED:
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["grpo_step"], key)
         assert y["first_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert a[-1]["kl"] > 0 and len({r["reward"] for r in a}) > 1  # it learned, the same way in both
-    _assert_shards_and_final(one, two, tmp_path, tiny_model_dir, whole_params=strategy == "zero2")
+    zero2 = strategy == "zero2"
+    _assert_shards_and_final(one, two, plain, tmp_path / "two", tiny_model_dir, whole_params=zero2)
 
 
 def _ppo_args(model_dir, data, out, reward, processes, *extra):
@@ -136,7 +150,7 @@ def test_ppo_lean_layout_under_fsdp2_runs_like_one_process_and_shards(
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["ppo_step"], key)
         assert y["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # one epoch: on-policy
     assert a[-1]["kl"] > 0  # the actor moved, the same way in both
-    _assert_shards_and_final(one, two, tmp_path, tiny_model_dir, "critic")
+    _assert_shards_and_final(one, two, tmp_path / "one", tmp_path / "two", tiny_model_dir, "critic")
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vocab", type=int, default=49152, help="vocabulary size (49152: SmolLM2's tokenizer)")
     p.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp2", "zero2", "zero3"])
+    p.add_argument(
+        "--offload",
+        default="none",
+        choices=["none", "optimizer", "all"],
+        help="dist.offload (zero2/zero3/fsdp2)",
+    )
+    p.add_argument(
+        "--keep-gathered",
+        action="store_true",
+        help="fsdp2: keep each layer's gathered weights from forward to backward (dist.reshard_after_forward=false)",
+    )
     p.add_argument("--stage", default="sft", choices=STAGES, help="sft: loss on the second half of each row")
     p.add_argument("--method", default="full", choices=["full", "lora"], help="lora: r 16 on attention")
     p.add_argument("--batch", type=int, default=2, help="sequences per process per step")
@@ -134,7 +145,7 @@ def run(args) -> dict:
     from chatforge.train.sft import sft_loss, sft_units
 
     sharding.check_supported(
-        args.stage, args.strategy, "none", 1, "none" if args.method == "full" else "lora"
+        args.stage, args.strategy, args.offload, 1, "none" if args.method == "full" else "lora"
     )
     device = pick_device(args.device)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
@@ -153,7 +164,10 @@ def run(args) -> dict:
         device=str(device),
     )
     total = args.warmup + args.steps
-    trainer = Trainer(model, tcfg, total, dist=DistConfig(strategy=args.strategy))
+    dist = DistConfig(
+        strategy=args.strategy, offload=args.offload, reshard_after_forward=not args.keep_gathered
+    )
+    trainer = Trainer(model, tcfg, total, dist=dist)
     rank, world = trainer.acc.process_index, trainer.world
     batches = _batches(total, args.batch, args.seq_len, args.vocab, args.stage, rank)
     times = []
@@ -193,6 +207,8 @@ def run(args) -> dict:
         "method": args.method,
         "stage": args.stage,
         "strategy": strategy,
+        "offload": args.offload,
+        "reshard_after_forward": not args.keep_gathered,
         "processes": world,
         "batch": args.batch,
         "seq_len": args.seq_len,
@@ -210,6 +226,14 @@ def run(args) -> dict:
     }
 
 
+def _extras(r: dict) -> str:
+    """The non-default dist settings of a result, as they read in the strategy column."""
+    extras = [f"offload {r['offload']}"] if r.get("offload", "none") != "none" else []
+    if r["strategy"] == "fsdp2" and not r.get("reshard_after_forward", True):
+        extras.append("kept gathered")
+    return f" ({', '.join(extras)})" if extras else ""
+
+
 def format_result(r: dict) -> str:
     """The lines `chatforge bench` prints."""
     mib = 2**20
@@ -220,7 +244,7 @@ def format_result(r: dict) -> str:
     )
     lines = [
         f"bench: {r['preset']} ({r['params'] / 1e6:.1f}M params, {r['trained'] / 1e6:.1f}M trained), "
-        f"{r['method']} {r['stage']}, {r['strategy']} x {r['processes']} process(es), "
+        f"{r['method']} {r['stage']}, {r['strategy']}{_extras(r)} x {r['processes']} process(es), "
         f"batch {r['batch']} x {r['seq_len']} tokens per process, {r['dtype']} on {r['device']}",
         f"{r['step_s']:.3f} s/step over {r['steps']} steps | {r['tokens_per_s']:.1f} tokens/s | "
         f"{r['tflops']:.4g} TFLOP/s achieved (6N + attention) | {mfu}",

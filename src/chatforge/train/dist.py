@@ -100,10 +100,20 @@ def check_supported(
             f"dist.strategy=fsdp2 is not supported for the {stage} stage yet: use dist.strategy=ddp, "
             f"or fsdp2 with {sharded}"
         )
-    if offload != "none":
+    if offload != "none" and strategy not in ("fsdp2", "zero2", "zero3"):
         raise ConfigError(
-            f"dist.offload={offload} is not supported yet: use dist.offload=none (fsdp2 and zero3 "
-            "already shard the optimizer state over the processes)"
+            f"dist.offload={offload} needs a sharded strategy: use dist.strategy=zero2 or zero3 "
+            "(offload=optimizer or all) or fsdp2 (offload=all)"
+        )
+    if offload == "optimizer" and strategy == "fsdp2":
+        raise ConfigError(
+            "dist.offload=optimizer is not supported with fsdp2 (torch's fully_shard offloads parameters, "
+            "gradients and optimizer state together): use dist.offload=all, or dist.strategy=zero2/zero3"
+        )
+    if offload == "all" and strategy == "zero2":
+        raise ConfigError(
+            "dist.offload=all needs partitioned parameters: use dist.strategy=zero3 (or fsdp2), or "
+            "dist.offload=optimizer with zero2"
         )
 
 
@@ -116,13 +126,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(model: torch.nn.Module, reshard_after_forward: bool = True) -> torch.nn.Module:
-    """FSDP2 in place: `fully_shard` each decoder layer, then the root (embeddings, norm, head)."""
+def shard(
+    model: torch.nn.Module, reshard_after_forward: bool = True, offload: str = "none"
+) -> torch.nn.Module:
+    """FSDP2 in place: `fully_shard` each decoder layer, then the root (embeddings, norm, head).
+    `offload="all"`: the shards (parameters, gradients, hence the optimizer state and its step)
+    live in CPU memory, each layer copied to the device for its forward and backward."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload == "all" else OffloadPolicy()
     layers = decoder_layers(model)
     if not layers:
         raise ConfigError(
@@ -130,8 +145,8 @@ def shard(model: torch.nn.Module, reshard_after_forward: bool = True) -> torch.n
             "(no _no_split_modules): use dist.strategy=ddp"
         )
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
     return model
 
 
@@ -156,6 +171,25 @@ def local_bytes(model: torch.nn.Module, optimizer) -> tuple[int, int]:
             if torch.is_tensor(v) and v.dim() > 0:
                 state += local(v).numel() * v.element_size()
     return params, state
+
+
+def offloaded(model: torch.nn.Module) -> tuple[str, ...]:
+    """What the engine itself keeps in host memory between uses ("parameters", "optimizer"), read
+    from its own runtime state: DeepSpeed's ZeRO optimizer flags, FSDP2's per-parameter offload."""
+    deepspeed = sys.modules.get("deepspeed")
+    if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine):
+        zero_opt = model.optimizer
+        params = getattr(zero_opt, "offload_param", False)
+        optim = getattr(zero_opt, "offload_optimizer", False) or getattr(zero_opt, "cpu_offload", False)
+        return ("parameters",) * bool(params) + ("optimizer",) * bool(optim)
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            groups = getattr(fully_shard.state(m), "_fsdp_param_groups", None) or []
+            if any(p.offload_to_cpu for g in groups for p in g.fsdp_params):
+                return ("parameters", "optimizer")  # the optimizer steps the offloaded shards
+    return ()
 
 
 @contextlib.contextmanager

@@ -126,7 +126,7 @@ class Trainer:
         self.zero = strategy in ("zero2", "zero3")
         self.strategy = strategy
         if self.sharded:  # before the optimizer exists: it must hold the sharded parameters
-            model = sharding.shard(model.to(self.acc.device), dist.reshard_after_forward)
+            model = sharding.shard(model.to(self.acc.device), dist.reshard_after_forward, dist.offload)
         # a callable gives the groups of the model as sharded (fsdp2 replaces the parameters)
         groups = param_groups(model) if callable(param_groups) else param_groups
         groups = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -143,7 +143,7 @@ class Trainer:
             self.model, self.optimizer = model, self.acc.prepare(opt)
         elif self.zero:  # accelerate's Accelerator(cpu=True) would drop DeepSpeed: the engine directly
             self.model, self.optimizer = zero.initialize(
-                model.to(self.acc.device), opt, strategy, tcfg.batch_size, tcfg.max_grad_norm
+                model.to(self.acc.device), opt, strategy, tcfg.batch_size, tcfg.max_grad_norm, dist.offload
             )
         else:
             self.model, self.optimizer = self.acc.prepare(model, opt)
@@ -265,11 +265,13 @@ class Trainer:
     def _report_bytes(self) -> None:
         """Every rank, after the first step: the parameter and optimizer-state bytes it holds."""
         params, state = sharding.local_bytes(self.acc.unwrap_model(self.model), self.optimizer)
-        print(
+        host = sharding.offloaded(self.model)
+        line = (
             f"chatforge: rank {self.acc.process_index}/{self.world} holds {params} parameter bytes "
-            f"and {state} optimizer-state bytes",
-            flush=True,
+            f"and {state} optimizer-state bytes"
+            + (f", offloaded to host: {' and '.join(host)}" if host else "")
         )
+        print(line + "\n", end="", flush=True)  # one write: the ranks' lines do not interleave
         self._reported_bytes = True
 
     def _stop_if_diverged(self, loss_sum: float, grad_norm) -> None:

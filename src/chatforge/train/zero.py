@@ -31,27 +31,53 @@ from collections.abc import Iterator
 import torch
 
 
-def ds_config(stage: int, micro_batch: int, max_grad_norm: float, bf16: bool) -> dict:
-    """The DeepSpeed config of a run: one micro-batch per step (the Trainer accumulates itself)."""
+def ds_config(
+    stage: int, micro_batch: int, max_grad_norm: float, bf16: bool, offload: str = "none", pin: bool = False
+) -> dict:
+    """The DeepSpeed config of a run: one micro-batch per step (the Trainer accumulates itself).
+
+    `offload`: "optimizer" keeps the fp32 master partition and its Adam states in CPU memory and
+    steps them there (ZeRO-Offload); "all" (zero3 only) keeps the parameter partitions there too
+    (ZeRO-Infinity's CPU tier). `pin`: page-locked buffers, for a CUDA device.
+
+    >>> ds_config(3, 2, 1.0, False, "all")["zero_optimization"]["offload_param"]
+    {'device': 'cpu', 'pin_memory': False}
+    """
+    zero = {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True}
+    if offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": max_grad_norm,
         "bf16": {"enabled": bf16},
-        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # the Trainer's own torch AdamW
+        # and it also steps the offloaded partition: DeepSpeedCPUAdam would be faster there, but is
+        # a C++ extension JIT-built at first use (~100 s, a compiler needed)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
 
 
-def initialize(model: torch.nn.Module, optimizer, strategy: str, micro_batch: int, max_grad_norm: float):
+def initialize(
+    model: torch.nn.Module,
+    optimizer,
+    strategy: str,
+    micro_batch: int,
+    max_grad_norm: float,
+    offload: str = "none",
+):
     """(engine, ZeRO optimizer) for `model` (already on its device) and its torch `optimizer`."""
     import deepspeed
 
     stage = int(strategy[-1])
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
-    config = ds_config(stage, micro_batch, max_grad_norm, bf16)
+    first = next(model.parameters())
+    bf16 = first.dtype == torch.bfloat16
+    config = ds_config(stage, micro_batch, max_grad_norm, bf16, offload, pin=first.device.type == "cuda")
     engine, zero_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, dist_init_required=False
     )
