@@ -122,6 +122,7 @@ def main() -> None:
         "--cores", default="0,1", help="cores of the 2-process runs; the 1-process run takes the last"
     )
     p.add_argument("--dry", action="store_true", help="print, do not write docs/benchmarks.md")
+    p.add_argument("--section", default="strategies", help="the docs/benchmarks.md section to (re)write")
     args = p.parse_args()
     sections = []
     for preset in args.preset:
@@ -130,7 +131,7 @@ def main() -> None:
         print(sections[-1], flush=True)
     body = "\n\n".join(
         [
-            "## dist.strategy: ddp vs fsdp2 vs DeepSpeed ZeRO (chatforge bench)",
+            f"## dist.strategy: ddp vs fsdp2 vs DeepSpeed ZeRO (chatforge bench, batch {args.batch} x {args.seq_len})",
             f"Command: `{command_line()}` on {machine()}, alone on the machine (both cores).",
             "Full fine-tuning SFT of a random-weight preset in fp32 (AdamW), one thread per process: "
             "the 1-process run on one core, the 2-process runs on two. tokens/s counts all processes; "
@@ -142,7 +143,7 @@ def main() -> None:
         ]
     )
     if not args.dry:
-        write_section("strategies", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":

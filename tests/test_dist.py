@@ -151,6 +151,8 @@ def pairs(tmp_path_factory):
 @pytest.mark.parametrize(
     ("strategy", "method", "precompute"),
     [
+        ("fsdp2", "none", False),
+        ("fsdp2", "lora", False),
         ("zero2", "none", False),
         ("zero3", "none", False),
         ("zero2", "lora", False),
@@ -158,13 +160,14 @@ def pairs(tmp_path_factory):
         ("zero3", "none", True),
     ],
 )
-def test_zero_dpo_trains_like_one_process(
+def test_sharded_dpo_trains_like_one_process(
     strategy, method, precompute, tiny_model_dir, pairs, one_process, tmp_path
 ):
-    """The reference runs inside the ZeRO step: the adapter switched off on the engine's own
-    (partitioned, under zero3) model for LoRA, a whole frozen copy per rank for full fine-tuning;
-    or once before the first step on the engine's model (dpo.precompute_ref=true)."""
-    pytest.importorskip("deepspeed")
+    """The reference runs inside the sharded step: the adapter switched off on the sharded model
+    (the engine's own under ZeRO) for LoRA, a whole frozen copy per rank for full fine-tuning; or
+    once before the first step on the engine's model (dpo.precompute_ref=true)."""
+    if strategy != "fsdp2":
+        pytest.importorskip("deepspeed")
     extra = ("train.max_steps=3", f"peft.method={method}", f"dpo.precompute_ref={str(precompute).lower()}")
     one, plain = one_process("dpo", lambda out: _args(tiny_model_dir, pairs, out, 1, *extra))
     two = launch("dpo", 2, _args(tiny_model_dir, pairs, tmp_path, 2, *extra, strategy=strategy))
@@ -250,6 +253,7 @@ def test_resume_from_a_sharded_checkpoint_is_exact(strategy, tiny_model_dir, cha
         ("sft", ["dist.offload=optimizer"], "dist.offload=optimizer needs a sharded strategy"),
         ("sft", ["dist.strategy=fsdp2", "dist.offload=optimizer"], "with fsdp2 (torch's fully_shard"),
         ("sft", ["dist.strategy=zero2", "dist.offload=all", "peft.method=none"], "use dist.strategy=zero3"),
+        ("grpo", ["dist.strategy=zero3", "dist.offload=optimizer"], "not supported for the grpo stage yet"),
     ],
 )
 def test_unsupported_combinations_are_refused_in_one_line(stage, overrides, says, tmp_path, capsys):

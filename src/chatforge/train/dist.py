@@ -16,6 +16,9 @@ layout) run under fsdp2 with LoRA, GRPO with LoRA under zero2 and zero3 too: the
 inside `unsharded(trainer.model)`, which gathers the whole weights once per rollout (fsdp2,
 zero3) or hands over the engine's model as it is (zero2).
 
+`dist.offload` keeps shards in host memory: `optimizer` under zero2/zero3, `all` under zero3 and
+fsdp2 (`CPUOffloadPolicy`); `offloaded(model)` reads back from the engine what it really offloads.
+
 `check_supported(stage, strategy, offload, grad_accum, method)` refuses an unsupported combination at start-up in one
 line; `local_bytes(model, optimizer)` reads what this rank really holds from the local shards.
 """
@@ -104,6 +107,10 @@ def check_supported(
         raise ConfigError(
             f"dist.offload={offload} needs a sharded strategy: use dist.strategy=zero2 or zero3 "
             "(offload=optimizer or all) or fsdp2 (offload=all)"
+        )
+    if offload != "none" and stage in ("grpo", "ppo"):  # the rollout's gather of offloaded shards is untested
+        raise ConfigError(
+            f"dist.offload={offload} is not supported for the {stage} stage yet: use dist.offload=none"
         )
     if offload == "optimizer" and strategy == "fsdp2":
         raise ConfigError(

@@ -8,8 +8,9 @@ LoRA (`peft.method=lora`), and for GRPO with LoRA; DPO's reference is the adapte
 the engine's own model, a whole frozen copy per rank (full fine-tuning), or log-probs precomputed
 before the first step; GRPO's is the adapter switched off. GRPO's rollout decodes inside
 `unsharded(engine)`: the engine's model as it is under zero2, on its parameters gathered once (the
-per-module hooks off) under zero3. Other stages and peft methods, train.grad_accum > 1 and offload
-are refused at start-up (chatforge.train.dist.check_supported).
+per-module hooks off) under zero3. `dist.offload=optimizer` (ZeRO-Offload) and, under zero3, `all`
+keep the partitions in host memory (`ds_config`). Other stages and peft methods and
+train.grad_accum > 1 are refused at start-up (chatforge.train.dist.check_supported).
 
 The Trainer's torch AdamW becomes the inner optimizer of DeepSpeed's ZeRO optimizer, which steps it
 on this rank's flat fp32 partition; the LR schedule built on it keeps working, since DeepSpeed edits
