@@ -138,6 +138,18 @@ def unsharded(engine) -> Iterator[torch.nn.Module]:
             offload._register_deepspeed_module(model)
 
 
+def master_bytes(zero_optimizer) -> int:
+    """Bytes of this rank's fp32 master partition where it is a copy of its own: ZeRO-2 always
+    clones the partition it steps; ZeRO-3 may step the parameter partition itself (when both are
+    fp32 on one device), and then nothing extra is held. Both cloned in fp32 on CPU (measured)."""
+    fp32 = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)  # stage 1/2
+    if fp32 is not None:
+        return sum(t.numel() * t.element_size() for t in fp32)
+    fp32 = getattr(zero_optimizer, "fp32_partitioned_groups_flat", [])
+    params = getattr(zero_optimizer, "fp16_partitioned_groups_flat", [])
+    return sum(a.numel() * a.element_size() for a, b in zip(fp32, params) if a.data_ptr() != b.data_ptr())
+
+
 def grad_norm(engine) -> torch.Tensor:
     """The global gradient norm DeepSpeed computed in its last step (before clipping)."""
     norm = engine.get_global_grad_norm()
