@@ -67,11 +67,11 @@ def _fsdp2_plan(model_dir, method: str, devices: int):
 
 def _assert_shards(one, two, strategy: str) -> None:
     """Each of the two ranks holds about half the one-process run's Adam state (the engine's own
-    local shards; under ZeRO plus DeepSpeed's fp32 master copy of the partition: 3/4 in all) and
+    local shards; under zero2 plus DeepSpeed's fp32 master copy of the partition: 3/4 in all) and
     half its parameters, all of them under zero2."""
     ((params, state),) = one
     assert len(two) == 2
-    share = 0.75 if strategy in ("zero2", "zero3") else 0.5
+    share = 0.75 if strategy == "zero2" else 0.5
     for p, s in two:
         assert (share - 0.1) * state < s < (share + 0.1) * state
         assert p == params if strategy == "zero2" else 0.4 * params < p < 0.6 * params

@@ -68,13 +68,13 @@ def _logits(base_dir, adapter_dir=None):
 
 def _assert_shards_and_final(one, two, one_dir, two_dir, model_dir, *dirs, strategy="fsdp2"):
     """Each rank of `two` holds about half the parameters (all of them under zero2) and Adam state
-    of `one` (the engine's own local shards; under ZeRO plus DeepSpeed's fp32 master copy of the
+    of `one` (the engine's own local shards; under zero2 plus DeepSpeed's fp32 master copy of the
     partition: 3/4 in all), and two_dir/final is a peft adapter
     dir, loadable in a plain process, that gives the one-process run's logits and differs from the
     base."""
     ((params, state),) = one
     assert len(two) == 2
-    share = 0.75 if strategy in ("zero2", "zero3") else 0.5
+    share = 0.75 if strategy == "zero2" else 0.5
     for p, s in two:
         assert p == params if strategy == "zero2" else 0.4 * params < p < 0.6 * params
         assert (share - 0.1) * state < s < (share + 0.1) * state

@@ -172,7 +172,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def local_bytes(model: torch.nn.Module, optimizer) -> tuple[int, int]:
     """(parameter bytes, optimizer-state bytes) held by this process, counted on the local shards;
     under DeepSpeed the optimizer's state includes its fp32 master partition where that is a copy
-    (+4 bytes per trained parameter / processes; measured under zero2 and zero3 in fp32 on CPU)."""
+    (zero2: +4 bytes per trained parameter / processes)."""
     params = sum(local(p).numel() * p.element_size() for p in model.parameters())
     state = 0
     if "deepspeed" in sys.modules:  # imported by the Trainer when it built an engine

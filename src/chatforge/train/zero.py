@@ -84,7 +84,26 @@ def initialize(
     )
     if stage == 3:
         _register_head(engine.module)
+        _step_partition_in_place(zero_optimizer)
     return engine, zero_optimizer
+
+
+def _step_partition_in_place(zero_optimizer) -> None:
+    """ZeRO-3 with fp32 weights: let the optimizer step the parameter partition itself instead of an
+    fp32 clone of it, one fewer copy of the partition per rank. DeepSpeed means to (its stage-3
+    optimizer aliases the two when dtype and device agree, and its copy back to the parameters is
+    then a no-op), but in 0.19.8 its check compares a device name (a str) with a torch.device, which
+    never matches, so it clones. The clone's storage is swapped for the partition's; the tensor
+    object the inner optimizer and its state are keyed by stays the same."""
+    if getattr(zero_optimizer, "offload_optimizer", False):
+        return  # the master lives in host memory: a copy by design
+    masters = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or []
+    flats = getattr(zero_optimizer, "fp16_partitioned_groups_flat", None) or []
+    for master, flat in zip(masters, flats):
+        if flat is None or (master.dtype, master.device) != (flat.dtype, flat.device):
+            continue
+        if master.data_ptr() != flat.data_ptr() and torch.equal(master, flat):
+            master.data = flat.data
 
 
 def _register_head(model: torch.nn.Module) -> None:
@@ -140,8 +159,8 @@ def unsharded(engine) -> Iterator[torch.nn.Module]:
 
 def master_bytes(zero_optimizer) -> int:
     """Bytes of this rank's fp32 master partition where it is a copy of its own: ZeRO-2 always
-    clones the partition it steps; ZeRO-3 may step the parameter partition itself (when both are
-    fp32 on one device), and then nothing extra is held. Both cloned in fp32 on CPU (measured)."""
+    clones the partition it steps; under ZeRO-3 with fp32 weights chatforge has the optimizer step
+    the parameter partition itself (`_step_partition_in_place`), and nothing extra is held."""
     fp32 = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)  # stage 1/2
     if fp32 is not None:
         return sum(t.numel() * t.element_size() for t in fp32)
