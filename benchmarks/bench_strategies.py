@@ -136,7 +136,7 @@ def main() -> None:
             "Full fine-tuning SFT of a random-weight preset in fp32 (AdamW), one thread per process: "
             "the 1-process run on one core, the 2-process runs on two. tokens/s counts all processes; "
             "TFLOP/s counts 6N + 12 x layers x hidden x seq_len per token; MFU is against this CPU's "
-            "fp32 estimate (AVX2: 32 FLOPs per cycle per core, from /proc/cpuinfo) times the processes. "
+            "fp32 estimate (64 FLOPs per cycle per core with AVX-512, 32 with AVX2; flags and clock from /proc/cpuinfo) times the processes. "
             "'kept gathered': fsdp2 with `dist.reshard_after_forward=false` (each layer gathered once "
             "per step instead of twice; the whole weights held between forward and backward).",
             *sections,
