@@ -140,6 +140,13 @@ def run_stage(name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and _close_process_group():
+        _exit_now(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from chatforge.errors import ChatforgeError
 
     as_command = argv is None
@@ -172,19 +179,30 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `chatforge sft --help | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
-    finally:
-        if as_command:
-            _close_process_group()
     return 0
 
 
-def _close_process_group() -> None:
-    """Under torchrun: tear the process group down before the interpreter does. Left to exit, gloo's
-    worker threads can be destroyed still joinable, and a rank aborts ("terminate called without an
-    active exception") after its work is saved, which fails the whole launch."""
+def _close_process_group() -> bool:
+    """Under torchrun, once the command is done: tear the process group down; True if there was one."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def _exit_now(code: int) -> None:
+    """End a torchrun rank whose work is saved: Python's exit handlers run, output is flushed, then
+    the process exits without the interpreter's teardown. In that teardown a rank sometimes aborted
+    ("terminate called without an active exception": a C++ thread destroyed while joinable) after
+    writing final/, and torchrun then failed the whole launch (about 1 launch in 40 here)."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
