@@ -24,6 +24,8 @@ from pathlib import Path
 
 from common import command_line, machine, write_section
 
+from chatforge.bench import strategy_label
+
 # (strategy, processes, extra flags); one process never shards: auto = none. ddp must stay second.
 RUNS = [
     ("auto", 1, []),
@@ -88,24 +90,19 @@ def table(preset: str, results: list[dict]) -> str:
         peak = max(k["peak_bytes"] for k in r["ranks"]) / GIB
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(
-            f"| {label(r)} | {r['processes']} | {r['tokens_per_s']:.1f} | {r['tflops']:.4f} | {mfu} | "
+            f"| {strategy_label(r)} | {r['processes']} | {r['tokens_per_s']:.1f} | {r['tflops']:.4f} | {mfu} | "
             f"{r['step_s']:.2f} | {held(r):.3f} | {peak:.2f} |"
         )
     ddp = results[1]
     lines.append("")
     for r in results[2:]:
         lines.append(
-            f"- {label(r)} / ddp at 2 processes: {held(r) / held(ddp):.2f}x the parameter + optimizer bytes "
+            f"- {strategy_label(r)} / ddp at 2 processes: {held(r) / held(ddp):.2f}x the parameter + optimizer bytes "
             f"per process at {r['tokens_per_s'] / ddp['tokens_per_s']:.2f}x the tokens/s; peak RSS "
             f"{peak_rss(r) / peak_rss(ddp):.2f}x."
         )
     lines.append("- Goal (fsdp2, zero3): <= 0.6x the bytes at >= 0.7x the tokens/s.")
     return "\n".join(lines)
-
-
-def label(r: dict) -> str:
-    kept = r["strategy"] == "fsdp2" and not r.get("reshard_after_forward", True)
-    return f"{r['strategy']}, kept gathered" if kept else r["strategy"]
 
 
 def peak_rss(r: dict) -> int:

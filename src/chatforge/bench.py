@@ -226,12 +226,16 @@ def run(args) -> dict:
     }
 
 
-def _extras(r: dict) -> str:
-    """The non-default dist settings of a result, as they read in the strategy column."""
+def strategy_label(r: dict) -> str:
+    """A result's strategy with its non-default dist settings, e.g. 'fsdp2 (kept gathered)'.
+
+    >>> strategy_label({"strategy": "zero3", "offload": "all"})
+    'zero3 (offload all)'
+    """
     extras = [f"offload {r['offload']}"] if r.get("offload", "none") != "none" else []
     if r["strategy"] == "fsdp2" and not r.get("reshard_after_forward", True):
         extras.append("kept gathered")
-    return f" ({', '.join(extras)})" if extras else ""
+    return f"{r['strategy']} ({', '.join(extras)})" if extras else r["strategy"]
 
 
 def format_result(r: dict) -> str:
@@ -244,7 +248,7 @@ def format_result(r: dict) -> str:
     )
     lines = [
         f"bench: {r['preset']} ({r['params'] / 1e6:.1f}M params, {r['trained'] / 1e6:.1f}M trained), "
-        f"{r['method']} {r['stage']}, {r['strategy']}{_extras(r)} x {r['processes']} process(es), "
+        f"{r['method']} {r['stage']}, {strategy_label(r)} x {r['processes']} process(es), "
         f"batch {r['batch']} x {r['seq_len']} tokens per process, {r['dtype']} on {r['device']}",
         f"{r['step_s']:.3f} s/step over {r['steps']} steps | {r['tokens_per_s']:.1f} tokens/s | "
         f"{r['tflops']:.4g} TFLOP/s achieved (6N + attention) | {mfu}",
