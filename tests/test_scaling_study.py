@@ -211,6 +211,35 @@ def test_failing_run_under_jobs_2_is_one_line_error_and_stops_the_workers(study,
     assert not (tmp_path / "study" / "scaling.json").exists()
 
 
+def test_a_stop_signal_that_lands_in_a_finaliser_still_interrupts_the_worker():
+    """Python swallows an exception raised in `__del__`: the worker's handler sends it again."""
+    import os
+    import signal
+    import time
+
+    from chatforge.study.workers import _interrupt_once
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs here, inside the finaliser
+                pass
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt_once)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            obj = Finalised()
+            del obj
+            end = time.monotonic() + 5.0
+            while time.monotonic() < end:
+                time.sleep(0.01)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # later stops are ignored
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+
+
 def test_runs_start_longest_first_one_core_per_worker():
     from chatforge.study.grid import longest_first, plan_run
     from chatforge.study.workers import worker_cores

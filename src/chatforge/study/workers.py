@@ -25,6 +25,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -242,10 +243,24 @@ class _Lines(io.TextIOBase):
 
 def _interrupt_once(signum, frame) -> None:
     """SIGTERM (the pool stopping) or SIGINT (Ctrl-C) -> one KeyboardInterrupt; later ones are
-    ignored so that the checkpoint it triggers is saved whole."""
+    ignored so that the checkpoint it triggers is saved whole.
+
+    Python swallows an exception raised inside a finaliser (it prints "Exception ignored in
+    __del__" and goes on training), so a signal that lands in one is sent again 50 ms later."""
+    if _in_finaliser(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def _in_finaliser(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _work(index, cores, threads, cfg, tok_path, blocks, held, tasks, messages) -> None:
