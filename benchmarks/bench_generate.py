@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_generate.py --model /tmp/tiny --repeats 1 --no-write   # smoke
     .venv/bin/python benchmarks/bench_generate.py --static [--repeats 1]   # static cache, torch.compile
 
-SmolLM2-135M-Instruct (the embedded default) in float32, built-in task prompts in the chat
+SmolLM2-135M-Instruct (the embedded default) in `--dtype` (auto: bf16 on a CPU with native bf16), built-in task prompts in the chat
 template, at most 48 new tokens, stop at end-of-turn, the same sampling settings on both sides:
 
 1. batch 8: 8 different prompts, one answer each, sampled (temperature 1, the rollout setting)
@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 
-from common import command_line, machine, run_child, write_section
+from common import command_line, machine, resolved_dtype, run_child, threads, write_section
 
 BATCH, NEW_TOKENS = 8, 48
 PY = sys.executable  # chatforge's own environment (no peer library needed)
@@ -37,7 +37,7 @@ from chatforge.models.load import load_model, load_tokenizer
 from chatforge.rl.generate import generate, left_pad, response_mask
 torch.manual_seed(0)
 tok = load_tokenizer("{model}")
-lm = load_model("{model}", dtype=torch.float32).eval()
+lm = load_model("{model}", dtype=getattr(torch, "{dtype}")).eval()
 items = make_task_data("mixed", seed=0, sizes={{"sft": 0, "preference": 0, "rl": {batch}, "eval": 0}})["rl"]
 prompts = [tokenize_prompt(tok, [{{"role": "user", "content": it["prompt"]}}]) for it in items]
 prompts = prompts[:1] * {batch} if {grpo} else prompts[:{batch}]
@@ -82,6 +82,7 @@ GOALS = {"batch 8": 1.5, "1 prompt x 8 answers": 2.0}
 def child(args, side: str, grpo: bool, modes: list[str], cache: str = "dynamic") -> dict:
     code = SIDE.format(
         model=args.model,
+        dtype=args.dtype,
         batch=BATCH,
         grpo=grpo,
         new_tokens=NEW_TOKENS,
@@ -108,7 +109,7 @@ def static_caches(args) -> None:
         "## Generation: transformers' static cache and torch.compile on this CPU",
         "",
         f"Command: `{command_line()}` on {machine()}.",
-        f"Batch 8 greedy, otherwise as in the section above ({NEW_TOKENS} new tokens, float32, one thread, "
+        f"Batch 8 greedy, otherwise as in the section above ({NEW_TOKENS} new tokens, {args.dtype}, "
         f"median of {args.repeats} calls after one warm-up call). Compiled: `CompileConfig(mode='default')` "
         "with compiling on a CPU switched on (inductor); its first call includes the compile.",
         "",
@@ -127,11 +128,18 @@ def main() -> None:
     p.add_argument("--model", default="default", help="model dir for a quick smoke run (e.g. a tiny model)")
     p.add_argument("--no-write", action="store_true", help="print results, leave docs/benchmarks.md alone")
     p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="both sides' dtype; auto: what chatforge picks here (bf16 where the CPU computes it natively)",
+    )
+    p.add_argument(
         "--static",
         action="store_true",
         help="instead: transformers with a static cache, and with it + torch.compile (batch 8 greedy)",
     )
     args = p.parse_args()
+    args.dtype = resolved_dtype(args.dtype)
     if args.static:
         return static_caches(args)
 
@@ -149,10 +157,10 @@ def main() -> None:
         "## Generation: chatforge's engine vs bare transformers generate",
         "",
         f"Command: `{command_line()}` on {machine()}.",
-        f"SmolLM2-135M-Instruct float32, built-in task prompts in the chat template, at most {NEW_TOKENS} new "
+        f"SmolLM2-135M-Instruct {args.dtype}, built-in task prompts in the chat template, at most {NEW_TOKENS} new "
         "tokens, stop at end-of-turn, temperature 1 (top-k/top-p off) when sampled. Generated tokens/s "
         f"(up to each row's stop token, over the call's wall time), median of {args.repeats} calls after "
-        "one warm-up; each side in its own process, one thread.",
+        f"one warm-up; each side in its own process, {threads()}.",
         "",
         "| shape | mode | chatforge tok/s | transformers tok/s | ratio | goal | greedy tokens identical |",
         "|---|---|---|---|---|---|---|",

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_serve.py [--clients 8] [--rounds 1] [--max-tokens 48] [--no-write]
     .venv/bin/python benchmarks/bench_serve.py --model /tmp/tiny --no-write      # smoke
 
-SmolLM2-135M-Instruct (the embedded default) in float32, the real server (FastAPI on uvicorn, in
+SmolLM2-135M-Instruct (the embedded default) in `--dtype` (auto: bf16 on a CPU with native bf16), the real server (FastAPI on uvicorn, in
 this process) and the official `openai` client streaming over HTTP. The same 8 x `--rounds` chat
 requests (built-in task prompts, temperature 1, seed i, at most `--max-tokens` tokens) are sent
 
@@ -27,7 +27,7 @@ import statistics
 import threading
 import time
 
-from common import command_line, machine, write_section
+from common import command_line, machine, resolved_dtype, threads, write_section
 
 
 def serve(engine, scheduler):
@@ -110,7 +110,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="requests each client sends, one after another")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--no-write", action="store_true", help="print results, leave docs/benchmarks.md alone")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: what chatforge serve picks here (bf16 where the CPU computes it natively)",
+    )
     args = p.parse_args()
+    args.dtype = resolved_dtype(args.dtype)
 
     import torch
 
@@ -120,7 +127,7 @@ def main() -> None:
     from chatforge.serve.engine import Engine, OneAtATime
 
     torch.manual_seed(0)
-    lm, tok = load_inference_model(args.model, "float32", "cpu")
+    lm, tok = load_inference_model(args.model, args.dtype, "cpu")
     engine = Engine(lm, tok, "bench")
     n = args.clients * args.rounds
     items = make_task_data("mixed", seed=0, sizes={"sft": 0, "preference": 0, "rl": n, "eval": 0})["rl"]
@@ -146,10 +153,10 @@ def main() -> None:
         + (f" ({args.rounds} requests per client)" if args.rounds > 1 else ""),
         "",
         f"Command: `{command_line()}` on {machine()}.",
-        f"SmolLM2-135M-Instruct float32, `chatforge serve`'s app (FastAPI/uvicorn) in process, the `openai` "
+        f"SmolLM2-135M-Instruct {args.dtype}, `chatforge serve`'s app (FastAPI/uvicorn) in process, the `openai` "
         f"client streaming; {n} chat requests (built-in task prompts, temperature 1, seed i, at most "
-        f"{args.max_tokens} tokens; {args.rounds} per client, one after another, when concurrent), one "
-        "thread. Tokens/s: all completion tokens over the wall time of all requests; time to first token: "
+        f"{args.max_tokens} tokens; {args.rounds} per client, one after another, when concurrent), "
+        f"{threads()}. Tokens/s: all completion tokens over the wall time of all requests; time to first token: "
         "from sending a request to its first content chunk.",
         "",
         "| clients | server | tokens | wall s | total tok/s | TTFT mean s | TTFT max s |",

@@ -123,3 +123,20 @@ def write_section(name: str, body: str) -> None:
 
 def command_line() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def resolved_dtype(name: str) -> str:
+    """'auto' -> the dtype chatforge itself picks on this machine ('bfloat16' or 'float32')."""
+    import torch
+
+    from chatforge.models.load import resolve_dtype
+
+    return str(resolve_dtype(name, torch.device("cpu"), full_finetune=False)).removeprefix("torch.")
+
+
+def threads() -> str:
+    """How many torch threads a child runs with here, in words."""
+    import torch
+
+    n = torch.get_num_threads()
+    return "one thread" if n == 1 else f"{n} threads"
