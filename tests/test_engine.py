@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chatforge.data.collate import shared_prefix_length
+from chatforge.models.packed import can_pack, packed_linears
 from chatforge.models.tiny import tiny_model
 from chatforge.rl.engine import Rows, Sampling, decode, pick_tokens
 from chatforge.rl.generate import generate, left_pad
@@ -195,3 +196,31 @@ def test_per_row_settings_pick_what_each_row_picks_alone():
     alone = [int(pick_tokens(logits[b : b + 1], s, uniform[b : b + 1])) for b, s in enumerate(settings)]
     assert got == alone and got[0] == int(logits[0].argmax())
     assert got != pick_tokens(logits, Sampling(temperature=1.5), uniform).tolist()  # settings matter
+
+
+@pytest.mark.skipif(not can_pack(), reason="oneDNN's packed bf16 linear needs an AVX-512 CPU")
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2"])
+def test_packed_bf16_linears_give_the_same_bits_and_transformers_greedy_tokens(tokenizer, arch):
+    lm = tiny_model(arch, tokenizer, seed=6).to(torch.bfloat16).eval()
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    want = transformers_greedy(lm, prompts, 8, [-1], tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = lm(input_ids=ids, attention_mask=mask).logits
+        with packed_linears(lm):
+            wrapped = [m for m in lm.modules() if "forward" in m.__dict__]
+            packed = lm(input_ids=ids, attention_mask=mask).logits
+    assert wrapped and all(type(m) is torch.nn.Linear for m in wrapped)  # gpt2: its head only
+    assert torch.equal(plain, packed)  # the same kernel on a packed layout: the same bits
+    assert not any("forward" in m.__dict__ for m in lm.modules())  # undone on exit
+    got = generate(lm, tokenizer, prompts, max_new_tokens=8, greedy=True)  # packs for the call
+    assert [row[m.bool()].tolist() for row, m in zip(got.response_ids, got.response_mask)] == want
+
+
+@pytest.mark.skipif(not can_pack(), reason="oneDNN's packed bf16 linear needs an AVX-512 CPU")
+def test_a_packed_linear_that_needs_gradients_runs_unpacked(tokenizer):
+    lm = tiny_model("llama", tokenizer, seed=6).to(torch.bfloat16)
+    ids = torch.tensor([tokenizer("hello world")["input_ids"]])
+    with packed_linears(lm):
+        lm(input_ids=ids).logits.float().sum().backward()
+    assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from chatforge.models.packed import pack_linears
 from chatforge.serve import json_mode
 
 
@@ -113,6 +114,7 @@ class Engine:
             "logits_to_keep" in params
         )  # logits of the last positions only: no (P, V) prompt logits
         lm.eval()
+        pack_linears(lm)  # bf16 on a CPU: weights laid out once for oneDNN (models.packed), for good
 
     def _forward(self, ids: list[int], new: int, past=None):
         """Logits (new, V) of the last `new` positions of `ids`, and the updated cache."""
