@@ -48,7 +48,9 @@ def _packable(module: torch.nn.Module) -> bool:
 
 
 def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != packed.dtype or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
+    if x.dtype != packed.dtype or (
+        torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)
+    ):
         return torch.nn.functional.linear(x, module.weight, module.bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
