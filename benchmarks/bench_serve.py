@@ -48,7 +48,7 @@ def serve(engine, scheduler):
     return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
 
 
-def ask(client, messages, seed: int, max_tokens: int) -> dict:
+def ask(client, messages, seed: int, max_tokens: int, temperature: float = 1.0) -> dict:
     """One streamed request: its text, tokens, time to first token and end time."""
     t0 = time.perf_counter()
     first, text, tokens = None, "", 0
@@ -56,7 +56,7 @@ def ask(client, messages, seed: int, max_tokens: int) -> dict:
         model="bench",
         messages=messages,
         max_tokens=max_tokens,
-        temperature=1.0,
+        temperature=temperature,
         seed=seed,
         stream=True,
         stream_options={"include_usage": True},
@@ -71,7 +71,7 @@ def ask(client, messages, seed: int, max_tokens: int) -> dict:
     return {"text": text, "tokens": tokens, "ttft": first, "end": time.perf_counter()}
 
 
-def run(base: str, prompts, max_tokens: int, clients: int) -> dict:
+def run(base: str, prompts, max_tokens: int, clients: int, temperature: float = 1.0) -> dict:
     """Send `prompts` (request i: prompt i, seed i) from `clients` threads, client c sending requests
     c, c + clients, c + 2 * clients, ... one after another."""
     import openai
@@ -83,7 +83,7 @@ def run(base: str, prompts, max_tokens: int, clients: int) -> dict:
 
     def one(c):
         for i in range(c, len(prompts), clients):
-            out[i] = ask(client, prompts[i], i, max_tokens)
+            out[i] = ask(client, prompts[i], i, max_tokens, temperature)
 
     threads = [threading.Thread(target=one, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1, help="requests each client sends, one after another")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (to check batched answers)")
     p.add_argument("--no-write", action="store_true", help="print results, leave docs/benchmarks.md alone")
     p.add_argument(
         "--dtype",
@@ -139,7 +140,7 @@ def main() -> None:
         (f"{args.clients} concurrent, batched", Batched(engine, args.clients), args.clients),
     ):
         base, stop = serve(engine, scheduler)
-        got[name] = run(base, prompts, args.max_tokens, clients)
+        got[name] = run(base, prompts, args.max_tokens, clients, args.temperature)
         scheduler.close()
         stop()
     alone, batched = got.values()
@@ -154,8 +155,8 @@ def main() -> None:
         "",
         f"Command: `{command_line()}` on {machine()}.",
         f"SmolLM2-135M-Instruct {args.dtype}, `chatforge serve`'s app (FastAPI/uvicorn) in process, the `openai` "
-        f"client streaming; {n} chat requests (built-in task prompts, temperature 1, seed i, at most "
-        f"{args.max_tokens} tokens; {args.rounds} per client, one after another, when concurrent), "
+        f"client streaming; {n} chat requests (built-in task prompts, temperature {args.temperature:g}, seed i, at "
+        f"most {args.max_tokens} tokens; {args.rounds} per client, one after another, when concurrent), "
         f"{threads()}. Tokens/s: all completion tokens over the wall time of all requests; time to first token: "
         "from sending a request to its first content chunk.",
         "",
@@ -173,7 +174,8 @@ def main() -> None:
         "",
         f"Speed-up: {batched['tok_s'] / alone['tok_s']:.2f}x total tokens/s (goal: 4x). Answers identical in "
         f"both runs: {same} of {n} (each request draws from its own seeded RNG; a batched forward rounds "
-        "differently, which can move a draw across a token boundary, and the answer goes its own way).",
+        "differently, which can move a draw across a token boundary, and the answer goes its own way; "
+        "in bf16 the logits themselves are rounded to 8 bits of mantissa, so this happens far more often).",
     ]
     write_section(f"serve-{args.rounds}" if args.rounds > 1 else "serve", "\n".join(lines))
 
