@@ -102,9 +102,9 @@ def test_strategies_shard_what_they_say():
     assert off.host_total == sum(fsdp.device[k] for k in ("weights", "gradients", "optimizer"))
     assert off.model_states == fsdp.device["gathered"]
     for strategy, offload, says in [
-        ("ddp", "optimizer", "needs a sharding strategy"),
+        ("ddp", "optimizer", "needs a sharded strategy"),
         ("fsdp2", "optimizer", "offloads parameters, gradients and optimizer states together"),
-        ("zero2", "all", "needs zero3"),
+        ("zero2", "all", "needs partitioned parameters"),
         ("zero4", "none", "strategy must be one of"),
     ]:
         with pytest.raises(ValueError, match=says):
@@ -121,7 +121,10 @@ def test_plan_cli_per_strategy(capsys):
     assert "fits on (GiB, 10% kept free): t4 (16)" in out and "fits in 16 GiB: yes" in out
     assert main(["plan", "590m", "--method", "full", "--strategy", "zero2", "--offload", "all"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "error: zero2 keeps the parameters on every device: offload=all needs zero3"
+    assert err.strip() == (
+        "error: offload=all needs partitioned parameters (zero2 keeps them on every device): "
+        "use strategy=zero3 or fsdp2, or offload=optimizer"
+    )
 
 
 def test_known_devices_and_cpu_peak():

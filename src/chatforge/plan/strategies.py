@@ -85,15 +85,35 @@ def _check(strategy: str, devices: int, offload: str) -> None:
         raise ValueError(f"offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
-    if strategy in ("none", "ddp") and offload != "none":
-        raise ValueError(f"offload={offload} needs a sharding strategy: fsdp2 (offload=all), zero2 or zero3")
+    if (why := offload_refusal(strategy, offload)) is not None:
+        raise ValueError(why)
+
+
+def offload_refusal(strategy: str, offload: str, key: str = "") -> str | None:
+    """Why `offload` cannot go with `strategy`, in one line that says what can (None: it can).
+    `key` prefixes the option names (`dist.` in a config).
+
+    >>> offload_refusal("zero2", "all", key="dist.")
+    'dist.offload=all needs partitioned parameters (zero2 keeps them on every device): use dist.strategy=zero3 or fsdp2, or dist.offload=optimizer'
+    """
+    if offload == "none":
+        return None
+    if strategy not in ("fsdp2", "zero2", "zero3"):
+        return (
+            f"{key}offload={offload} needs a sharded strategy: {key}strategy=zero2 or zero3 "
+            f"({key}offload=optimizer or all) or fsdp2 ({key}offload=all)"
+        )
     if strategy == "fsdp2" and offload == "optimizer":
-        raise ValueError(
-            "fsdp2 offloads parameters, gradients and optimizer states together: use offload=all, "
-            "or zero2/zero3 for offload=optimizer"
+        return (
+            f"{key}offload=optimizer is not supported with fsdp2 (torch's fully_shard offloads parameters, "
+            f"gradients and optimizer states together): use {key}offload=all, or {key}strategy=zero2/zero3"
         )
     if strategy == "zero2" and offload == "all":
-        raise ValueError("zero2 keeps the parameters on every device: offload=all needs zero3")
+        return (
+            f"{key}offload=all needs partitioned parameters (zero2 keeps them on every device): "
+            f"use {key}strategy=zero3 or fsdp2, or {key}offload=optimizer"
+        )
+    return None
 
 
 def per_device(

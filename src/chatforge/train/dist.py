@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import torch
 
 from chatforge.errors import ConfigError
+from chatforge.plan.strategies import offload_refusal
 
 # stages whose loop is the shared Trainer.fit and whose model is only called through forward()
 SHARDED_STAGES = ("sft", "pretrain", "rm", "dpo")
@@ -103,24 +104,11 @@ def check_supported(
             f"dist.strategy=fsdp2 is not supported for the {stage} stage yet: use dist.strategy=ddp, "
             f"or fsdp2 with {sharded}"
         )
-    if offload != "none" and strategy not in ("fsdp2", "zero2", "zero3"):
-        raise ConfigError(
-            f"dist.offload={offload} needs a sharded strategy: use dist.strategy=zero2 or zero3 "
-            "(offload=optimizer or all) or fsdp2 (offload=all)"
-        )
+    if (why := offload_refusal(strategy, offload, key="dist.")) is not None:
+        raise ConfigError(why)
     if offload != "none" and stage in ("grpo", "ppo"):  # the rollout's gather of offloaded shards is untested
         raise ConfigError(
             f"dist.offload={offload} is not supported for the {stage} stage yet: use dist.offload=none"
-        )
-    if offload == "optimizer" and strategy == "fsdp2":
-        raise ConfigError(
-            "dist.offload=optimizer is not supported with fsdp2 (torch's fully_shard offloads parameters, "
-            "gradients and optimizer state together): use dist.offload=all, or dist.strategy=zero2/zero3"
-        )
-    if offload == "all" and strategy == "zero2":
-        raise ConfigError(
-            "dist.offload=all needs partitioned parameters: use dist.strategy=zero3 (or fsdp2), or "
-            "dist.offload=optimizer with zero2"
         )
 
 
