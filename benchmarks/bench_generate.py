@@ -4,11 +4,12 @@
     .venv/bin/python benchmarks/bench_generate.py --model /tmp/tiny --repeats 1 --no-write   # smoke
     .venv/bin/python benchmarks/bench_generate.py --static [--repeats 1]   # static cache, torch.compile
 
-SmolLM2-135M-Instruct (the embedded default) in `--dtype` (auto: bf16 on a CPU with native bf16), built-in task prompts in the chat
-template, at most 48 new tokens, stop at end-of-turn, the same sampling settings on both sides:
+SmolLM2-135M-Instruct (the embedded default) in `--dtype` (auto: bf16 on a CPU with native bf16),
+built-in task prompts in the chat template, at most 48 new tokens, stop at end-of-turn, the same
+sampling settings on both sides:
 
 1. batch 8: 8 different prompts, one answer each, sampled (temperature 1, the rollout setting)
-   and greedy (evaluation; both sides then produce the same tokens);
+   and greedy (evaluation; rows counted identical in the batch and with each prompt alone);
 2. GRPO's shape: 1 prompt x 8 answers, sampled.
 
 Generated tokens/s counts the tokens up to and including each row's first stop token, over the

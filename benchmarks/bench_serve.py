@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/bench_serve.py [--clients 8] [--rounds 1] [--max-tokens 48] [--no-write]
     .venv/bin/python benchmarks/bench_serve.py --model /tmp/tiny --no-write      # smoke
 
-SmolLM2-135M-Instruct (the embedded default) in `--dtype` (auto: bf16 on a CPU with native bf16), the real server (FastAPI on uvicorn, in
-this process) and the official `openai` client streaming over HTTP. The same 8 x `--rounds` chat
-requests (built-in task prompts, temperature 1, seed i, at most `--max-tokens` tokens) are sent
+SmolLM2-135M-Instruct (the embedded default) in `--dtype` (auto: bf16 on a CPU with native bf16),
+the real server (FastAPI on uvicorn, in this process) and the official `openai` client streaming
+over HTTP. The same 8 x `--rounds` chat requests (built-in task prompts, `--temperature`, seed i,
+at most `--max-tokens` tokens) are sent
 
 1. one after another by one client to a server that answers one at a time (`--max-batch 1`);
 2. by 8 clients at once, each sending its `--rounds` requests one after another, to a server that

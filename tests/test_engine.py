@@ -209,6 +209,9 @@ def test_packed_bf16_linears_give_the_same_bits_and_transformers_greedy_tokens(t
         plain = lm(input_ids=ids, attention_mask=mask).logits
         with packed_linears(lm):
             wrapped = [m for m in lm.modules() if "forward" in m.__dict__]
+            with packed_linears(lm):  # nested (generate inside an evaluation): nothing more to pack
+                pass
+            assert [m for m in lm.modules() if "forward" in m.__dict__] == wrapped
             packed = lm(input_ids=ids, attention_mask=mask).logits
     assert wrapped and all(type(m) is torch.nn.Linear for m in wrapped)  # gpt2: its head only
     assert torch.equal(plain, packed)  # the same kernel on a packed layout: the same bits

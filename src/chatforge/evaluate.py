@@ -130,6 +130,7 @@ def generate_answers(
     from tqdm.auto import tqdm
 
     from chatforge.data.templates import tokenize_prompt
+    from chatforge.models.packed import packed_linears
     from chatforge.rl.generate import generate
 
     prompts = [tokenize_prompt(tok, c) for c in conversations]
@@ -137,15 +138,16 @@ def generate_answers(
     texts = [""] * len(prompts)
     tokens, seconds = 0.0, 0.0
     bar = tqdm(total=len(prompts), desc="eval", unit="answer", disable=not progress)
-    for s in range(0, len(order), batch_size):
-        chunk = order[s : s + batch_size]
-        t0 = time.perf_counter()
-        out = generate(lm, tok, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, greedy=True)
-        seconds += time.perf_counter() - t0
-        tokens += float(out.response_mask.sum())
-        for k, i in enumerate(chunk):
-            texts[i] = out.texts[k].strip()
-        bar.update(len(chunk))
+    with packed_linears(lm):  # once for every batch: the weights do not change
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            t0 = time.perf_counter()
+            out = generate(lm, tok, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, greedy=True)
+            seconds += time.perf_counter() - t0
+            tokens += float(out.response_mask.sum())
+            for k, i in enumerate(chunk):
+                texts[i] = out.texts[k].strip()
+            bar.update(len(chunk))
     bar.close()
     return texts, tokens / max(seconds, 1e-9)
 

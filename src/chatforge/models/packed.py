@@ -12,18 +12,20 @@ torch has no public switch for this outside `torch.compile`, whose compile time 
 It costs one more copy of the packed weights while active (270 MB for a 135M model in bf16).
 float32 is left alone: its packed kernel is faster too but rounds differently from `F.linear`, so
 greedy tokens could differ from transformers'. Layers that are not a plain `nn.Linear` (4-bit,
-GPT-2's Conv1D), layers already wrapped, sharded weights (DTensor, empty ZeRO-3 partitions), a forward that needs gradients
-and an input of another dtype run as before.
+GPT-2's Conv1D), layers already wrapped, sharded weights (DTensor, empty ZeRO-3 partitions), a
+forward that needs gradients and an input of another dtype run as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
 
 
+@functools.cache
 def can_pack() -> bool:
     """Whether this torch and CPU run oneDNN's packed bf16 linear (AVX-512 at least)."""
     ops = torch.ops.mkldnn
@@ -65,7 +67,7 @@ def pack_linears(lm: torch.nn.Module) -> Callable[[], None]:
         for module in lm.modules():
             if _packable(module):
                 packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
-                module.forward = _bound(module, packed)
+                module.forward = functools.partial(_packed_forward, module, packed)
                 patched.append(module)
 
     def undo() -> None:
@@ -76,13 +78,10 @@ def pack_linears(lm: torch.nn.Module) -> Callable[[], None]:
     return undo
 
 
-def _bound(module: torch.nn.Linear, packed: torch.Tensor):
-    return lambda x: _packed_forward(module, packed, x)
-
-
 @contextlib.contextmanager
 def packed_linears(lm: torch.nn.Module):
-    """`pack_linears` for the duration of a `with` block (e.g. one generate call)."""
+    """`pack_linears` for the duration of a `with` block (e.g. one generate call). Nested inside
+    another, it packs nothing more: the layers are already wrapped."""
     undo = pack_linears(lm)
     try:
         yield
