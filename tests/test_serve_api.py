@@ -1,10 +1,10 @@
-"""`chatforge serve` over real HTTP: the official `openai` client, then hostile requests by class
-(sizes, types, ranges, encodings, connection behaviour). One server per module on a tiny random model."""
+"""`chatforge serve` over real HTTP with the official `openai` client: completions, streaming,
+logprobs, JSON mode, the context window, a client that leaves, the API key, the chat page (in a
+real browser too). One server per module on a tiny random model (tests/serve_live.py); hostile
+requests are in tests/test_serve_hostile.py."""
 
-import http.client
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -12,52 +12,12 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from chatforge.evaluate import load_inference_model  # noqa: E402
-from chatforge.serve import app as server  # noqa: E402
-from chatforge.serve.engine import Engine, OneAtATime  # noqa: E402
-
-WINDOW = 128
-HI = [{"role": "user", "content": "hi"}]
-
-
-class CountingScheduler(OneAtATime):
-    """Records each `Engine.sample` call: its (prompt ids, Sampling) in `calls`, its last Step in `ends`."""
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        self.ends, self.calls = [], []
-        real = engine.sample
-
-        def sample(prompt_ids, s, *args, **kwargs):
-            self.calls.append((prompt_ids, s))
-            last = None
-            for last in real(prompt_ids, s, *args, **kwargs):
-                yield last
-            self.ends.append(last)
-
-        engine.sample = sample
-
-
-def _start(engine, guard):
-    scheduler = CountingScheduler(engine)
-    logs = []
-    app = server.create_app(engine, guard, scheduler, log=logs.append)
-    srv, sock = server.make_server(app, "127.0.0.1", 0, timeout=guard.timeout)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.01)
-    return srv, thread, sock.getsockname()[1], scheduler, logs
+from serve_live import CHAT, HI, WINDOW, ask, connect, live_server, server, start  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def live(tiny_model_dir):
-    lm, tok = load_inference_model(tiny_model_dir, "float32", "cpu")
-    engine = Engine(lm, tok, "tiny", max_context=WINDOW, default_max_tokens=8)
-    srv, thread, port, scheduler, logs = _start(engine, server.Guard(max_body=4096, timeout=2.0))
-    yield {"port": port, "scheduler": scheduler, "logs": logs, "engine": engine, "lm": lm, "tok": tok}
-    srv.should_exit = True
-    thread.join(10)
+    yield from live_server(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -168,163 +128,6 @@ def test_context_window_is_refused_never_cut(client):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
-# Hostile requests, raw HTTP.
-
-
-def _conn(live):
-    return http.client.HTTPConnection("127.0.0.1", live["port"], timeout=30)
-
-
-def _ask(conn, method, path, body=b"", headers=None):
-    conn.request(method, path, body, {"Content-Type": "application/json", **(headers or {})})
-    r = conn.getresponse()
-    data = r.read()
-    return r.status, (
-        json.loads(data) if r.getheader("content-type", "").startswith("application/json") else data
-    )
-
-
-CHAT = "/v1/chat/completions"
-
-
-@pytest.mark.parametrize(
-    "body,param",
-    [
-        ({"messages": HI, "n": "two"}, "n"),  # types
-        ({"messages": HI, "max_tokens": 1e9}, "max_tokens"),
-        ({"messages": HI, "temperature": True}, "temperature"),
-        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"messages": HI, "top_p": 5}, "top_p"),  # ranges
-        ({"messages": HI, "n": 0}, "n"),
-        ({"messages": HI, "max_tokens": -1}, "max_tokens"),
-        ({"messages": HI, "seed": -3}, "seed"),
-        ({"messages": HI, "top_logprobs": 99, "logprobs": True}, "top_logprobs"),
-        ({"messages": HI, "tools": [{"type": "function"}]}, "tools"),  # refused, not ignored
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-        ({"messages": HI, "response_format": {"type": "json_schema"}}, "response_format.type"),
-        ({"messages": HI, "frequency_penalty": 1}, "frequency_penalty"),
-        ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"messages": HI, "no_such_field": 1}, "no_such_field"),
-        ({"messages": []}, "messages"),
-    ],
-)
-def test_bad_fields_get_a_400_naming_them(live, body, param):
-    status, err = _ask(_conn(live), "POST", CHAT, json.dumps(body))
-    assert (
-        status == 400 and err["error"]["param"] == param and err["error"]["type"] == "invalid_request_error"
-    )
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"not json",
-        b"[1, 2]",
-        b"\xff\xfe{",
-        b"",
-        b'{"messages": NaN',
-        b"[" * 2000 + b"]" * 2000,
-        b'{"a": 1e999999}',
-    ],
-)
-def test_bodies_that_are_not_a_json_object_get_a_400(live, raw):
-    status, err = _ask(_conn(live), "POST", CHAT, raw)
-    assert status == 400 and "message" in err["error"]
-
-
-@pytest.mark.parametrize(
-    "content,param",
-    [("\ud800 lone surrogate", None), ("nul \u0000 byte", "ok"), ("\U0001f600" * 40, "messages")],
-)
-def test_odd_text_gets_an_answer_not_a_crash(live, content, param):
-    body = json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 1})
-    status, r = _ask(_conn(live), "POST", CHAT, body)
-    if param == "ok":
-        assert status == 200 and "choices" in r
-    else:
-        assert status == 400 and r["error"]["param"] == param
-
-
-def test_n_null_means_the_default(live):
-    status, r = _ask(_conn(live), "POST", CHAT, json.dumps({"messages": HI, "n": None, "max_tokens": 2}))
-    assert status == 200 and len(r["choices"]) == 1
-
-
-def test_keep_alive_survives_a_404_with_a_body_and_a_chunked_body_works(live):
-    conn = _conn(live)
-    status, err = _ask(conn, "POST", "/v1/nothing", json.dumps({"messages": HI}))
-    assert status == 404 and err["error"]["code"] == "not_found"
-    status, r = _ask(conn, "POST", CHAT, json.dumps({"messages": HI, "max_tokens": 2}))  # same connection
-    assert status == 200 and r["object"] == "chat.completion"
-    body = json.dumps({"messages": HI, "max_tokens": 2}).encode()
-    conn.request(
-        "POST", CHAT, iter([body[:7], body[7:]]), {"Content-Type": "application/json"}, encode_chunked=True
-    )
-    r = conn.getresponse()
-    assert r.status == 200 and json.loads(r.read())["object"] == "chat.completion"
-
-
-def test_oversize_bodies_get_413_declared_or_chunked(live):
-    big = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode()
-    assert _ask(_conn(live), "POST", CHAT, big)[0] == 413
-    conn = _conn(live)
-    conn.request(
-        "POST",
-        CHAT,
-        iter([big[:3000], big[3000:]]),
-        {"Content-Type": "application/json"},
-        encode_chunked=True,
-    )
-    assert conn.getresponse().status == 413
-
-
-def _raw(live, data: bytes, wait: float = 30) -> bytes:
-    with socket.create_connection(("127.0.0.1", live["port"]), timeout=wait) as s:
-        s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
-
-
-def test_bad_framing_gets_an_answer_and_slow_bodies_time_out(live):
-    bad = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n{}"
-    assert _raw(live, bad).startswith(b"HTTP/1.1 400")
-    slow = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{"
-    answer = _raw(live, slow)  # the body never comes: 408 after the server's 2 s timeout
-    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer
-    assert _raw(live, b"POST /v1/chat/completions HTTP/1.1\r\nHost: loc") == b""  # head never ends: closed
-
-
-def test_foreign_pages_and_hosts_are_refused_local_ones_allowed(live):
-    text_plain = {"Content-Type": "text/plain", "Origin": "http://evil.example"}
-    body = json.dumps({"messages": HI, "max_tokens": 1})
-    status, err = _ask(_conn(live), "POST", CHAT, body, text_plain)
-    assert status == 403 and "Origin" in err["error"]["message"]
-    assert _ask(_conn(live), "GET", "/v1/models", headers={"Host": "rebound.example:8000"})[0] == 403
-    conn = _conn(live)
-    preflight = {
-        "Origin": "http://localhost:5173",
-        "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type,authorization",
-    }
-    conn.request("OPTIONS", CHAT, headers=preflight)
-    r = conn.getresponse()
-    r.read()
-    assert r.status == 200 and r.getheader("access-control-allow-origin") == "http://localhost:5173"
-    assert _ask(_conn(live), "POST", CHAT, body, {"Origin": "http://localhost:5173"})[0] == 200
-
-
-def test_log_lines_escape_what_the_client_sent(live):
-    # h11 refuses raw control bytes in the request line (400); an escape sent percent-encoded is logged
-    # as sent, never decoded into the terminal (`server.printable` escapes the rest)
-    answer = _raw(live, b"GET /v1/%1b[31mred HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 404")
-    assert _raw(live, b"GET /v1/\x1b[31m HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 400")
-    line = next(x for x in live["logs"] if "31mred" in x)
-    assert line.isprintable() and "/v1/%1b[31mred 404" in line
-
-
 def test_a_client_leaving_mid_stream_stops_its_generation(live, monkeypatch):
     engine = live["engine"]
     counted = engine.sample
@@ -345,7 +148,7 @@ def test_a_client_leaving_mid_stream_stops_its_generation(live, monkeypatch):
         while b"chat.completion.chunk" not in seen:  # the first token is out: generation has begun
             seen += s.recv(4096)
         assert seen.startswith(b"HTTP/1.1 200")  # leave now
-    status, r = _ask(_conn(live), "POST", CHAT, json.dumps({"messages": HI, "max_tokens": 1}))
+    status, r = ask(connect(live), "POST", CHAT, json.dumps({"messages": HI, "max_tokens": 1}))
     assert status == 200  # the worker is free again
     stopped = ends[before]
     assert stopped.finish is None  # ended from outside: neither its length limit nor a stop token
@@ -353,7 +156,7 @@ def test_a_client_leaving_mid_stream_stops_its_generation(live, monkeypatch):
 
 def test_api_key_is_required_when_set(tiny_model_dir, live):
     engine = live["engine"]
-    srv, thread, port, _, _ = _start(engine, server.Guard(api_key="s3cret"))
+    srv, thread, port, _, _ = start(engine, server.Guard(api_key="s3cret"))
     try:
         base = f"http://127.0.0.1:{port}/v1"
         with pytest.raises(openai.AuthenticationError):
@@ -366,7 +169,7 @@ def test_api_key_is_required_when_set(tiny_model_dir, live):
 
 
 def test_chat_page_is_served(live):
-    status, page = _ask(_conn(live), "GET", "/")
+    status, page = ask(connect(live), "GET", "/")
     assert status == 200 and b"/v1/chat/completions" in page and b"<script" in page
 
 
@@ -484,7 +287,7 @@ def test_a_stream_may_outlast_the_body_timeout(live, monkeypatch):
 
     monkeypatch.setattr(engine, "sample", slow)
     body = json.dumps({"messages": HI, "max_tokens": 3, "temperature": 1, "seed": 0, "stream": True})
-    status, raw = _ask(_conn(live), "POST", CHAT, body)
+    status, raw = ask(connect(live), "POST", CHAT, body)
     assert status == 200 and raw.decode().endswith("data: [DONE]\n\n") and b'"error"' not in raw
 
 
@@ -498,6 +301,6 @@ def test_a_failure_mid_stream_ends_it_with_an_error_event(live, monkeypatch):
 
     monkeypatch.setattr(engine, "sample", broken)
     body = json.dumps({"messages": HI, "max_tokens": 2, "stream": True})
-    status, raw = _ask(_conn(live), "POST", CHAT, body)
+    status, raw = ask(connect(live), "POST", CHAT, body)
     events = [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
     assert status == 200 and "out of memory" in json.loads(events[-1])["error"]["message"]
