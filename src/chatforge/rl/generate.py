@@ -5,8 +5,9 @@ are recomputed by the training forward path (`chatforge.models.logprobs`), so ro
 agree exactly. Decoding runs on `rl.engine` (a prompt repeated in a batch is prefilled once, a
 preallocated KV cache, finished rows leave the batch), or on transformers' `generate` for what the
 engine does not cover (prompt-learning adapters, encoder-decoders, logits processors set in the
-model's generation config) or when asked (`engine=False`). In bf16 on a CPU both compute their
-linear layers with weights packed once per call (`models.packed`: the same bits, faster).
+model's generation config) or when asked (`engine=False`). On a CPU both compute a decoding
+step's attention as two small matrix products (`models.attention`), and in bf16 their linear
+layers with weights packed once per call (`models.packed`: the same bits, faster).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from chatforge.data.templates import stop_token_ids
+from chatforge.models.attention import decode_attention
 from chatforge.models.packed import packed_linears
 from chatforge.rl.engine import Sampling, decode
 
@@ -182,7 +184,7 @@ def generate(
     sampling = Sampling(greedy, temperature, top_k, top_p)
     use_engine = engine and engine_applies(lm)
     try:
-        with contiguous_head_input(lm), packed_linears(lm):
+        with contiguous_head_input(lm), packed_linears(lm), decode_attention(lm):
             for s in range(0, len(prompts), step):
                 chunk = prompts[s : s + step]
                 seeds = None if row_seeds is None else row_seeds[s : s + step]

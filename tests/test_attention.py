@@ -1,0 +1,99 @@
+"""A decoding step's attention as two matrix products (`models.attention`): equal to transformers'
+sdpa attention (grouped heads, padding masks, scaling), prefill left to sdpa, the model's switch
+undone on exit, and transformers' greedy tokens on four architectures."""
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from chatforge.models import attention
+from chatforge.models.attention import NAME, applies, decode_attention, one_token_attention
+from chatforge.models.tiny import tiny_model
+from chatforge.rl.engine import Sampling, decode
+from test_engine import TEXTS, transformers_greedy
+
+
+class Heads(torch.nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+def qkv(batch=3, heads=6, kv_heads=2, q_len=1, length=7, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, dim, generator=g)
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=g) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4)])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_one_token_attention_equals_sdpa(heads, kv_heads, mask_kind):
+    q, k, v = qkv(heads=heads, kv_heads=kv_heads)
+    mask = None
+    if mask_kind != "none":
+        attend = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+        attend[1, ..., :3] = False  # a left-padded row
+        attend[2, ..., :1] = False
+        mask = attend if mask_kind == "bool" else torch.zeros(attend.shape).masked_fill(~attend, -1e9)
+    module = Heads(heads // kv_heads)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    got, weights = one_token_attention(module, q, k, v, mask, scaling=0.3)
+    assert weights is None and got.shape == want.shape == (3, 1, heads, 8)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # the padding matters: the same query against an unmasked cache gives another answer
+    if mask is not None:
+        assert not torch.allclose(got, one_token_attention(module, q, k, v, None, scaling=0.3)[0])
+
+
+def test_in_bf16_it_is_at_least_as_close_to_exact_attention_as_sdpa():
+    q, k, v = (x.to(torch.bfloat16) for x in qkv(batch=8, heads=9, kv_heads=3, length=110, dim=64))
+    module = Heads(3)
+    ours, _ = one_token_attention(module, q, k, v, None)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, None)
+    scores = q.double().view(8, 3, 3, 64) @ k.double().transpose(-1, -2) / 8
+    exact = (torch.softmax(scores, -1) @ v.double()).view(8, 1, 9, 64)
+    error = {name: float((x.double() - exact).abs().mean()) for name, x in [("ours", ours), ("sdpa", theirs)]}
+    # float32 probabilities rounded once (sdpa's CPU flash kernel rounds them to bf16 first)
+    assert error["ours"] <= error["sdpa"], error
+
+
+def test_several_query_tokens_are_left_to_sdpa():
+    q, k, v = qkv(q_len=4)
+    module = Heads(3)
+    want, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.5, is_causal=True)
+    got, _ = one_token_attention(module, q, k, v, None, scaling=0.5, is_causal=True)
+    assert torch.equal(got, want)
+
+
+def test_the_switch_is_undone_on_exit_and_skips_models_it_does_not_cover(tokenizer):
+    lm = tiny_model("llama", tokenizer, seed=1).eval()
+    assert applies(lm) and lm.config._attn_implementation == "sdpa"
+    with decode_attention(lm):
+        assert lm.config._attn_implementation == NAME
+        with decode_attention(lm):  # nested: nothing more
+            pass
+        assert lm.config._attn_implementation == NAME
+    assert lm.config._attn_implementation == "sdpa"
+    eager = tiny_model("llama", tokenizer, seed=1)
+    eager.config._attn_implementation_internal = "eager"
+    with decode_attention(eager):
+        assert eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2"])
+def test_greedy_tokens_match_transformers_with_one_token_attention(tokenizer, arch, monkeypatch):
+    lm = tiny_model(arch, tokenizer, seed=5).eval()
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS]  # left padding, a repeated prompt
+    want = transformers_greedy(lm, prompts, 10, [-1], tokenizer.pad_token_id)
+    steps = []
+
+    def counted(module, query, *args, **kwargs):
+        steps.append(query.shape[2])
+        return one_token_attention(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "one_token_attention", counted)
+    with torch.no_grad(), decode_attention(lm):
+        got, _ = decode(lm, prompts, 10, [-1], Sampling(greedy=True))
+    assert steps.count(1) == 9 * lm.config.num_hidden_layers  # every decoding step of every layer
+    assert got == want
