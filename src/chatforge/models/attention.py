@@ -1,17 +1,22 @@
-"""Attention of one new token per row (a decoding step) as two small matrix products on a CPU.
+"""A decoding step's attention in bf16 on a CPU through the fast side of torch's flash kernel.
 
-torch's CPU kernel behind `scaled_dot_product_attention` is a flash kernel tiled for long queries:
-with one query token per row it spends ~0.8 ms a layer in bf16 on what is a (B, heads, 1, T) product
-(SmolLM2-135M, 8 rows, T ~110, one thread: a third of a decoding step, 1.1 s of a 48-token batch).
-The same attention as `q @ k.T`, a float32 softmax and `@ v`, the query heads of one key/value head
-grouped (no copy of the cache per head), takes ~0.16 ms. The math is attention's own, in float32
-from the bf16 inputs as the flash kernel computes it; only the rounding of the sums differs.
+torch's CPU flash kernel (behind `scaled_dot_product_attention`) is slow in bf16 when a head has
+a single query row, which is every decoding step: with grouped key/value heads (transformers'
+`enable_gqa=True` when there is no padding mask) ~0.7-1.0 ms a layer for SmolLM2-135M's 8 rows
+x ~110 cached tokens on 2 cores, a third of the step; without grouping (GPT-2, OPT) ~0.5 ms. The
+same kernel given two or more query rows takes ~0.1-0.2 ms. So `one_token_attention` hands it
+several rows: the query heads that share a key/value head as the rows of that head (what
+transformers itself does when there is a padding mask), or, without grouping, the query row twice
+(the copy's answer is dropped). The kernel and its arithmetic are the ones transformers calls:
+outputs equal `sdpa_attention_forward`'s bit for bit but for rare last-bit roundings (in a decoding
+step of SmolLM2-135M, 1 to 4 of a layer's 4,608 outputs, in up to 3 of its 30 layers, differ by one
+bf16 step), so a sampled answer can go its own way where a draw falls on a token boundary.
 
 `decode_attention(lm)` switches a transformers model that takes its attention from
-`AttentionInterface` and runs `sdpa` to this function while active. Prefill (several query
-tokens), GPU tensors, dropout and the features it does not cover (soft-capping, position biases,
-attention sinks) go to transformers' `sdpa_attention_forward` unchanged; so does every model
-that does not pick its attention by name (their `config._attn_implementation` is left alone).
+`AttentionInterface` and runs `sdpa` to this function while active. Everything else goes to
+`sdpa_attention_forward` unchanged: prefill (several query tokens), float32 (fast with one row),
+GPU tensors, dropout and the features it does not cover (soft-capping, position biases, attention
+sinks); models that do not pick their attention by name are left alone.
 """
 
 from __future__ import annotations
@@ -29,33 +34,32 @@ def one_token_attention(module, query, key, value, attention_mask, dropout=0.0, 
     """transformers' attention-function signature: query (B, H, q, D), key/value (B, KV, T, D),
     attention_mask bool (True = attend) or additive, broadcastable to (B, H, q, T); returns
     ((B, q, H, Dv), None) as `sdpa_attention_forward` does."""
-    b, heads, q_len, dim = query.shape
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, heads, q_len, _ = query.shape
     if (
         q_len != 1
+        or query.dtype not in (torch.bfloat16, torch.float16)
         or query.device.type != "cpu"
         or dropout
         or any(kwargs.get(k) is not None for k in _UNCOVERED)
     ):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    q = query.float().view(b, kv_heads, group, dim)  # a key/value head's query heads side by side
-    scores = torch.matmul(q, key.float().transpose(-1, -2))
-    scores.mul_(dim**-0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        mask = attention_mask
-        if mask.shape[1] == heads and group > 1:
+    mask = attention_mask
+    if group > 1:  # (B, KV, group, D): a key/value head's query heads as its query rows
+        rows = query.reshape(b, kv_heads, group, query.shape[-1])
+        if mask is not None and mask.shape[1] == heads:
             mask = mask.reshape(mask.shape[0], kv_heads, group, mask.shape[-1])
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores.add_(mask)
-    out = torch.matmul(torch.softmax(scores, -1), value.float()).to(query.dtype)
-    return out.view(b, 1, heads, value.shape[-1]), None
+    else:  # the query row twice; the kernel computes each row alone, the copy is dropped
+        rows = torch.cat([query, query], 2)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
+    if group == 1:
+        out = out[:, :, :1]
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def applies(lm) -> bool:
