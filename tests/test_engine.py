@@ -213,6 +213,10 @@ def test_packed_bf16_linears_give_the_same_bits_and_transformers_greedy_tokens(t
                 pass
             assert [m for m in lm.modules() if "forward" in m.__dict__] == wrapped
             packed = lm(input_ids=ids, attention_mask=mask).logits
+            if arch != "gpt2":  # q, k, v (and gate, up) read one input: one packed product
+                attention = next(m for m in lm.modules() if hasattr(m, "q_proj"))
+                heads = [getattr(attention, n).forward for n in ("q_proj", "k_proj", "v_proj")]
+                assert len({id(f.func.__self__) for f in heads}) == 1
     assert wrapped and all(type(m) is torch.nn.Linear for m in wrapped)  # gpt2: its head only
     assert torch.equal(plain, packed)  # the same kernel on a packed layout: the same bits
     assert not any("forward" in m.__dict__ for m in lm.modules())  # undone on exit
