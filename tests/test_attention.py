@@ -78,10 +78,11 @@ def test_the_switch_is_undone_on_exit_and_skips_models_it_does_not_cover(tokeniz
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2"])
-def test_bf16_greedy_tokens_are_transformers_with_one_token_attention(tokenizer, arch, monkeypatch):
+def test_the_engine_decodes_bf16_with_one_token_attention_at_every_step(tokenizer, arch, monkeypatch):
     lm = tiny_model(arch, tokenizer, seed=5).to(torch.bfloat16).eval()
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]  # left padding, a repeated prompt
-    want = transformers_greedy(lm, prompts, 10, [-1], tokenizer.pad_token_id)
+    with decode_attention(lm):  # the same attention: a last-bit rounding could flip a near tie
+        want = transformers_greedy(lm, prompts, 10, [-1], tokenizer.pad_token_id)
     steps = []
 
     def counted(module, query, *args, **kwargs):
