@@ -9,7 +9,9 @@ every row until the last one stops, a `Rows` batch
   quickstart prompt) once, and only the rest of each prompt per prompt;
 - writes new keys and values in place into per-layer buffers sized for prompt + answer (`BufferLayer`,
   a transformers cache layer: the model's own attention and masks run unchanged);
-- drops rows that produced a stop token, so the batch shrinks as answers end.
+- drops rows that produced a stop token, so the batch shrinks as answers end;
+- runs a Llama-shaped model's decoding steps without transformers' per-layer glue
+  (`models.decode_step`: the same operations on the model's own modules, the same bits).
 
 The law of the tokens is transformers': float32 logits of the last position, greedy argmax, or the
 temperature / top-k / top-p warpers of `transformers.generation` and a softmax draw. A scheduler
@@ -30,6 +32,8 @@ from dataclasses import astuple, dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from chatforge.models.decode_step import step_fn
 
 
 class BufferLayer(DynamicLayer):
@@ -178,6 +182,7 @@ class Rows:
         args = _forward_args(type(_inner_model(lm)))
         self._positions_arg = "position_ids" in args
         self._keep_arg = "logits_to_keep" in args
+        self._step = step_fn(lm)  # Llama-shaped models: the step without transformers' glue
 
     @classmethod
     def prefill(
@@ -228,7 +233,11 @@ class Rows:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its next token (B,); returns and keeps the logits of the token after it."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], 1)
-        self.logits = self._forward(tokens.view(-1, 1), self.positions.view(-1, 1))
+        ids, positions = tokens.view(-1, 1), self.positions.view(-1, 1)
+        if self._step is not None:
+            self.logits = self._step(ids, positions, self.mask, self.cache)
+        else:
+            self.logits = self._forward(ids, positions)
         self.positions = self.positions + 1
         return self.logits
 

@@ -1,0 +1,92 @@
+"""One decoding step of a Llama-shaped transformers model, its layers' glue written out.
+
+At a decoding step of a few rows, a 30-layer transformers forward spends ~15-20% of its time on
+Python around the arithmetic: each layer's `forward`, its attention's and MLP's, the kwarg
+deprecation wrappers on two of them, the mask builder, the output-capturing machinery. `step_fn(lm)`
+gives a function that runs the same step, the same operations in the same order on the model's own
+modules (its embeddings, rotary embedding, norms, projections, attention function, activation and
+head), with that glue left out: the same bits (tested against the model's forward on Llama and
+Qwen2, with and without padding), ~10% less time a step on SmolLM2-135M.
+
+It covers the decoder layers whose forward it restates (`_LAYERS`: Llama and SmolLM, Qwen2 without
+sliding windows) under sdpa-style boolean masks; for anything else `step_fn` returns None and the
+caller runs the model's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# decoder layers whose forward is Llama's: norm, attention with rotary q/k, residual, norm, gated MLP
+_LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer"}
+_ATTENTIONS = {"LlamaAttention", "Qwen2Attention"}
+_MLPS = {"LlamaMLP", "Qwen2MLP"}
+
+
+def _base(lm):
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def covers(lm) -> bool:
+    """Whether `step_fn` restates `lm`'s decoding step (otherwise run its own forward)."""
+    from chatforge.models.attention import NAME
+
+    base = _base(lm)
+    inner = getattr(base, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not all(hasattr(inner, n) for n in ("embed_tokens", "rotary_emb", "norm")):
+        return False
+    if getattr(base.config, "_attn_implementation", None) not in ("sdpa", NAME):
+        return False  # other attentions take other mask forms
+    return hasattr(base, "lm_head") and all(
+        type(layer).__name__ in _LAYERS
+        and type(layer.self_attn).__name__ in _ATTENTIONS
+        and type(layer.mlp).__name__ in _MLPS
+        and getattr(layer.self_attn, "sliding_window", None) is None
+        for layer in layers
+    )
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def step_fn(lm) -> Callable | None:
+    """`step(ids (B, 1), positions (B, 1), mask (B, T) 1 on real tokens, cache) -> (B, V) float32
+    logits of the next token` for a model `covers` accepts, else None. `cache` holds every layer's
+    keys and values up to the new token (a transformers `Cache`, e.g. `rl.engine.buffer_cache`)."""
+    if not covers(lm):
+        return None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    base = _base(lm)
+    inner, head = base.model, base.lm_head
+
+    def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(base.config._attn_implementation, None)
+        h = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(h, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # what transformers' sdpa mask is for one query token: none without padding, else the padding
+        keep = None if bool(mask.all()) else mask.bool()[:, None, None, :]
+        rows = ids.shape[0]
+        for index, layer in enumerate(inner.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            x = layer.input_layernorm(h)
+            shape = (rows, 1, -1, attention.head_dim)
+            q = attention.q_proj(x).view(shape).transpose(1, 2)
+            k = attention.k_proj(x).view(shape).transpose(1, 2)
+            v = attention.v_proj(x).view(shape).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            k, v = cache.update(k, v, index)
+            out, _ = attend(attention, q, k, v, keep, dropout=0.0, scaling=attention.scaling)
+            h = h + attention.o_proj(out.reshape(rows, 1, -1).contiguous())
+            x = layer.post_attention_layernorm(h)
+            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return head(inner.norm(h))[:, -1].to(copy=True, dtype=torch.float32)
+
+    return step
