@@ -197,7 +197,9 @@ def main() -> None:
         "CPU a decoding step's attention hands torch's flash kernel several query rows, not one "
         "(`chatforge.models.attention`: the same kernel, 5-10x faster per layer), and its linear layers "
         "use weights packed once per call for oneDNN (`chatforge.models.packed`, the same bits as "
-        "`F.linear`; layers reading one input, such as q, k and v, as one product). Greedy rows: bf16 "
+        "`F.linear`; layers reading one input, such as q, k and v, as one product); a Llama-shaped model's "
+        "step runs on its own modules without transformers' per-layer glue (`chatforge.models.decode_step`, "
+        "the same bits). Greedy rows: bf16 "
         "rounds differently with the batch's shape, and the attention kernel's last bit can differ with "
         "its number of rows, so a row can take another token at a near tie.",
     ]
