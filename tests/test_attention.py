@@ -1,6 +1,7 @@
 """A decoding step's attention through the fast side of torch's CPU flash kernel (`models.attention`):
 transformers' sdpa bits in bf16 (grouped heads or not, padding masks, scaling), prefill and float32
-left to sdpa, the model's switch undone on exit, transformers' greedy tokens on four architectures."""
+left to sdpa, the model's switch undone on exit, and the engine using it at every decoding step of
+four architectures with transformers' greedy tokens."""
 
 import pytest
 import torch
