@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from chatforge.models import base_model
+
 NAME = "chatforge_decode"
 _UNCOVERED = ("softcap", "position_bias", "s_aux", "sinks")
 
@@ -64,7 +66,7 @@ def one_token_attention(module, query, key, value, attention_mask, dropout=0.0, 
 
 def applies(lm) -> bool:
     """Whether `lm` picks its attention by name and runs `sdpa` (what this module replaces)."""
-    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    inner = base_model(lm)
     config = getattr(inner, "config", None)
     return (
         getattr(inner, "_supports_attention_backend", False)
@@ -86,7 +88,7 @@ def use_decode_attention(lm) -> Callable[[], None]:
     if not applies(lm):
         return lambda: None
     _register()
-    config = (lm.get_base_model() if hasattr(lm, "get_base_model") else lm).config
+    config = base_model(lm).config
     config._attn_implementation_internal = NAME
 
     def undo() -> None:

@@ -19,21 +19,19 @@ from collections.abc import Callable
 
 import torch
 
+from chatforge.models import base_model
+
 # decoder layers whose forward is Llama's: norm, attention with rotary q/k, residual, norm, gated MLP
 _LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer"}
 _ATTENTIONS = {"LlamaAttention", "Qwen2Attention"}
 _MLPS = {"LlamaMLP", "Qwen2MLP"}
 
 
-def _base(lm):
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-
-
 def covers(lm) -> bool:
     """Whether `step_fn` restates `lm`'s decoding step (otherwise run its own forward)."""
     from chatforge.models.attention import NAME
 
-    base = _base(lm)
+    base = base_model(lm)
     inner = getattr(base, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or not all(hasattr(inner, n) for n in ("embed_tokens", "rotary_emb", "norm")):
@@ -62,7 +60,7 @@ def step_fn(lm) -> Callable | None:
         return None
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    base = _base(lm)
+    base = base_model(lm)
     inner, head = base.model, base.lm_head
 
     def step(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from chatforge.models import base_model
 from chatforge.models.logprobs import last_hidden_states
 
 
 def hidden_size_of(lm) -> int:
     """Width of the hidden states the LM head reads (OPT may project them first)."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return base.get_output_embeddings().weight.shape[1]
+    return base_model(lm).get_output_embeddings().weight.shape[1]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

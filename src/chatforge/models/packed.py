@@ -51,10 +51,16 @@ def _packable(module: torch.nn.Module) -> bool:
     )
 
 
-def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != packed.dtype or (
+def _unpacked(module: torch.nn.Linear, x: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether this call runs as plain `F.linear`: an input of another dtype, or a forward that
+    needs gradients."""
+    return x.dtype != packed.dtype or (
         torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)
-    ):
+    )
+
+
+def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if _unpacked(module, x, packed):
         return torch.nn.functional.linear(x, module.weight, module.bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
@@ -79,9 +85,7 @@ class _OneProduct:
         self.input, self.outputs = None, None
 
     def forward(self, index: int, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.packed.dtype or (
-            torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)
-        ):
+        if _unpacked(module, x, self.packed):
             return torch.nn.functional.linear(x, module.weight, module.bias)
         if self.input is not x:
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

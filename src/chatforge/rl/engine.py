@@ -33,6 +33,7 @@ from dataclasses import astuple, dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from chatforge.models import base_model
 from chatforge.models.decode_step import step_fn
 
 
@@ -163,11 +164,6 @@ def _forward_args(cls) -> frozenset:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
-def _inner_model(lm):
-    """The transformers model whose forward signature says what it takes (peft passes kwargs on)."""
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-
-
 class Rows:
     """A batch of rows being decoded: their KV cache, attention mask and next positions.
 
@@ -179,7 +175,7 @@ class Rows:
     def __init__(self, lm, cache: Cache, mask: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor):
         self.lm, self.cache, self.mask, self.positions, self.rows = lm, cache, mask, positions, rows
         self.logits: torch.Tensor | None = None
-        args = _forward_args(type(_inner_model(lm)))
+        args = _forward_args(type(base_model(lm)))
         self._positions_arg = "position_ids" in args
         self._keep_arg = "logits_to_keep" in args
         self._step = step_fn(lm)  # Llama-shaped models: the step without transformers' glue
@@ -198,7 +194,7 @@ class Rows:
         n = len(prompts) if source is None else len(source)
         rows = torch.arange(n, device=device) if row_ids is None else torch.as_tensor(row_ids, device=device)
         # a model that places tokens by the mask alone (no position_ids) runs whole prompts
-        takes_positions = "position_ids" in _forward_args(type(_inner_model(lm)))
+        takes_positions = "position_ids" in _forward_args(type(base_model(lm)))
         shared = shared_prefix_length(prompts) if takes_positions else 0
         ids, mask = left_pad([p[shared:] for p in prompts], 0, device)
         positions = shared + (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)

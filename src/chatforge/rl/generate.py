@@ -5,9 +5,9 @@ are recomputed by the training forward path (`chatforge.models.logprobs`), so ro
 agree exactly. Decoding runs on `rl.engine` (a prompt repeated in a batch is prefilled once, a
 preallocated KV cache, finished rows leave the batch), or on transformers' `generate` for what the
 engine does not cover (prompt-learning adapters, encoder-decoders, logits processors set in the
-model's generation config) or when asked (`engine=False`). On a CPU both compute a decoding
-step's attention as two small matrix products (`models.attention`), and in bf16 their linear
-layers with weights packed once per call (`models.packed`: the same bits, faster).
+model's generation config) or when asked (`engine=False`). In bf16 on a CPU both run a decoding
+step's attention through the fast side of torch's flash kernel (`models.attention`) and their
+linear layers with weights packed once per call (`models.packed`: the same bits, faster).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class Engine:
         )  # logits of the last positions only: no (P, V) prompt logits
         lm.eval()
         pack_linears(lm)  # bf16 on a CPU: weights laid out once for oneDNN (models.packed), for good
-        use_decode_attention(lm)  # a decoding step's attention as two matrix products (models.attention)
+        use_decode_attention(lm)  # bf16 on a CPU: a decoding step's attention, fast (models.attention)
 
     def _forward(self, ids: list[int], new: int, past=None):
         """Logits (new, V) of the last `new` positions of `ids`, and the updated cache."""

@@ -39,8 +39,9 @@ def check_packing(lm) -> None:
     import inspect
 
     from chatforge.errors import ConfigError
+    from chatforge.models import base_model
 
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    base = base_model(lm)
     if "position_ids" not in inspect.signature(base.forward).parameters:
         raise ConfigError(
             f"data.packing=true is not supported for {base.config.model_type} (no position ids)"
