@@ -164,6 +164,18 @@ def test_task_demos_choose_worked_steps_or_bare_answers(tiny_model_dir, tmp_path
         pipeline_config(tiny_model_dir, tmp_path / "x", "pipeline.task_demos=cot")
 
 
+def test_task_slips_reach_the_written_demonstrations(tiny_model_dir, tmp_path):
+    def sft_answers(run, *overrides):
+        cfg = pipeline_config(tiny_model_dir, run, "pipeline.task=format", *overrides)
+        path = pipeline.write_data(cfg, run)["sft"]
+        return [json.loads(line)["messages"][1]["content"] for line in path.read_text().splitlines()]
+
+    clean, slipped = sft_answers(tmp_path / "a"), sft_answers(tmp_path / "b", "pipeline.task_slips=1")
+    assert len(clean) == len(slipped) and all(a != b for a, b in zip(clean, slipped))
+    with pytest.raises(ConfigError, match="task_slips"):
+        pipeline_config(tiny_model_dir, tmp_path / "x", "pipeline.task_slips=1.5")
+
+
 def test_sft_same_time_trains_sft_on_for_the_later_stages_time(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     cfg = pipeline_config(

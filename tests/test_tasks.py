@@ -132,6 +132,29 @@ def test_deterministic_per_seed_and_independent_splits():
     assert b["sft"] == a["sft"] and b["eval"] == a["eval"] and b["rl"] == a["rl"][:5]
 
 
+def test_slips_replace_that_share_of_demonstrations_with_the_typical_slip():
+    from chatforge.data.tasks import _problems
+
+    clean = make_task_data("format", 3, SMALL)
+    assert make_task_data("format", 3, SMALL, slips=0.0) == clean
+    half = make_task_data("format", 3, SMALL, slips=0.5)
+    problems, _ = _problems("format", 3, "sft", SMALL["sft"])
+    assert [r["messages"][0]["content"] for r in half["sft"]] == [p.prompt for p in problems]
+    shown = [r["messages"][1]["content"] for r in half["sft"]]
+    slipped = [text != p.answer for text, p in zip(shown, problems)]
+    assert 0.4 < sum(slipped) / len(slipped) < 0.6  # 300 draws at p = 0.5
+    for text, p, bad in zip(shown, problems, slipped):
+        assert text == (p.wrong[0] if bad else p.answer)
+        assert verify("format", text, p.answer) is (not bad)
+    every = make_task_data("format", 3, SMALL, slips=1.0)["sft"]
+    assert [r["messages"][1]["content"] for r in every] == [p.wrong[0] for p in problems]
+    # the preference pairs (chosen: the answer), RL and eval records do not change
+    for split in ("preference", "rl", "eval"):
+        assert half[split] == clean[split]
+    with pytest.raises(ValueError, match="slips"):
+        make_task_data("format", 3, SMALL, slips=1.5)
+
+
 def test_split_of_fraction():
     share = sum(split_of(("k", i)) == "eval" for i in range(4000)) / 4000
     assert abs(share - problem_gen.EVAL_FRACTION) < 0.03

@@ -273,6 +273,12 @@ class PipelineConfig:
         "task has them: arithmetic) or answer (the bare answer)",
         ("steps", "answer"),
     )
+    task_slips: float = opt(
+        0.0,
+        "fraction of the built-in task's SFT demonstrations that show a typical slip instead of the "
+        "answer (preference pairs stay right): demonstrators who err where raters comparing answers "
+        "do not",
+    )
     task_sizes: dict = opt(
         {},
         "records per split of the task data, e.g. {sft: 2000, eval: 200}; preference_eval: held-out "
@@ -352,6 +358,7 @@ _RULES = [
     ("generate.max_new_tokens", lambda v: v > 0, "a positive integer"),
     ("generate.temperature", lambda v: v > 0, "a positive number"),
     ("generate.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("pipeline.task_slips", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("grpo.num_generations", lambda v: v >= 2, "at least 2 (groups need two answers to compare)"),
 ]
 

@@ -98,10 +98,11 @@ def write_data(cfg: Config, run: Path) -> dict[str, Path]:
     if all(p.is_file() for p in paths.values()):
         return paths
     p = cfg.pipeline
-    log(f"writing built-in task data '{p.task}' (seed {p.task_seed}, demos {p.task_demos}) to {out}")
+    slips = f", {p.task_slips:.0%} of demonstrations slipped" if p.task_slips else ""
+    log(f"writing built-in task data '{p.task}' (seed {p.task_seed}, demos {p.task_demos}{slips}) to {out}")
     sizes = dict(p.task_sizes)
     n = int(sizes.pop("preference_eval", sizes.get("eval", 200)))
-    write_task_data(p.task, out, seed=p.task_seed, sizes=sizes or None, demos=p.task_demos)
+    write_task_data(p.task, out, seed=p.task_seed, sizes=sizes or None, demos=p.task_demos, slips=p.task_slips)
     # Reward-model accuracy is measured on pairs from the eval split, which training never sees.
     rng = random.Random(f"chatforge.pipeline/{p.task}/{p.task_seed}/preference_eval")
     with open(paths["preference_eval"], "w") as f:

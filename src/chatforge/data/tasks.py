@@ -131,7 +131,11 @@ def _rejected(problem: Problem, rng: random.Random) -> str:
 
 
 def make_task_data(
-    task: str = "mixed", seed: int = 0, sizes: dict[str, int] | None = None, demos: str = "steps"
+    task: str = "mixed",
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    demos: str = "steps",
+    slips: float = 0.0,
 ) -> dict:
     """Records for every stage, deterministic per `(task, seed)`: `{split: [record, ...]}`.
 
@@ -144,6 +148,12 @@ def make_task_data(
     chosen responses): `steps` gives the worked steps where the task has them (arithmetic: "3 x 6 =
     18. 18 + 4 = 22. The answer is 22.") and the answer elsewhere; `answer` always the bare answer.
     The prompts, RL and eval records are the same for both.
+
+    `slips` (0 to 1): the fraction of SFT demonstrations that show the problem's typical slip (its
+    first plausible wrong answer: the word not put in upper case, the JSON keys' values swapped, one
+    off) instead of the answer, drawn from a generator of their own. It models demonstrators who
+    make mistakes that raters comparing two answers still catch: the preference pairs (chosen the
+    answer) are unchanged, and so are the prompts, RL and eval records.
     """
     _task(task)
     if demos not in DEMOS:
@@ -151,7 +161,10 @@ def make_task_data(
     unknown = set(sizes or {}) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {', '.join(sorted(unknown))}; known: {', '.join(SPLITS)}")
+    if not 0 <= slips <= 1:
+        raise ValueError(f"slips must be in [0, 1] (got {slips!r})")
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    slipped = random.Random(f"chatforge.tasks/{task}/{seed}/slips")
 
     def shown(p: Problem) -> str:
         return p.solution if demos == "steps" and p.solution else p.answer
@@ -164,7 +177,7 @@ def make_task_data(
                 {
                     "messages": [
                         {"role": "user", "content": p.prompt},
-                        {"role": "assistant", "content": shown(p)},
+                        {"role": "assistant", "content": p.wrong[0] if slipped.random() < slips else shown(p)},
                     ]
                 }
                 for p in problems
@@ -186,6 +199,7 @@ def write_task_data(
     seed: int = 0,
     sizes: dict[str, int] | None = None,
     demos: str = "steps",
+    slips: float = 0.0,
 ) -> dict[str, Path]:
     """Write `sft.jsonl`, `preference.jsonl`, `rl.jsonl` and `eval.jsonl` under `out_dir`.
 
@@ -194,7 +208,7 @@ def write_task_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, records in make_task_data(task, seed, sizes, demos).items():
+    for split, records in make_task_data(task, seed, sizes, demos, slips).items():
         path = out / f"{split}.jsonl"
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
