@@ -102,7 +102,9 @@ def write_data(cfg: Config, run: Path) -> dict[str, Path]:
     log(f"writing built-in task data '{p.task}' (seed {p.task_seed}, demos {p.task_demos}{slips}) to {out}")
     sizes = dict(p.task_sizes)
     n = int(sizes.pop("preference_eval", sizes.get("eval", 200)))
-    write_task_data(p.task, out, seed=p.task_seed, sizes=sizes or None, demos=p.task_demos, slips=p.task_slips)
+    write_task_data(
+        p.task, out, seed=p.task_seed, sizes=sizes or None, demos=p.task_demos, slips=p.task_slips
+    )
     # Reward-model accuracy is measured on pairs from the eval split, which training never sees.
     rng = random.Random(f"chatforge.pipeline/{p.task}/{p.task_seed}/preference_eval")
     with open(paths["preference_eval"], "w") as f:

@@ -177,7 +177,10 @@ def make_task_data(
                 {
                     "messages": [
                         {"role": "user", "content": p.prompt},
-                        {"role": "assistant", "content": p.wrong[0] if slipped.random() < slips else shown(p)},
+                        {
+                            "role": "assistant",
+                            "content": p.wrong[0] if slipped.random() < slips else shown(p),
+                        },
                     ]
                 }
                 for p in problems
