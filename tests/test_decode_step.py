@@ -2,22 +2,27 @@
 model's own logits bit for bit over several steps, with left padding, in float32 and bf16; models
 it does not restate are left to their forward."""
 
+import contextlib
+
 import pytest
 import torch
 
 from chatforge.models.attention import decode_attention
-from chatforge.models.decode_step import covers, step_fn
+from chatforge.models.decode_step import _side_by_side, covers, step_fn
+from chatforge.models.packed import packed_linears
 from chatforge.models.tiny import tiny_model
 from chatforge.rl.engine import Rows
 from test_engine import TEXTS
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "packed"])
 def test_the_step_gives_the_models_own_logits(tokenizer, arch, dtype):
-    lm = tiny_model(arch, tokenizer, seed=7).to(dtype).eval()
+    packed = dtype == "packed"  # bf16 with models.packed's layers (q, k, v in one product) where it can
+    lm = tiny_model(arch, tokenizer, seed=7).to(torch.bfloat16 if packed else dtype).eval()
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]  # left padding: a mask in every step
-    with torch.no_grad(), decode_attention(lm):
+    layers = packed_linears(lm) if packed else contextlib.nullcontext()
+    with torch.no_grad(), decode_attention(lm), layers:
         ours = Rows.prefill(lm, prompts, capacity=64)
         theirs = Rows.prefill(lm, prompts, capacity=64)
         assert ours._step is not None
@@ -43,3 +48,13 @@ def test_models_it_does_not_restate_run_their_own_forward(tokenizer):
     eager = tiny_model("llama", tokenizer, seed=1)
     eager.config._attn_implementation_internal = "eager"  # an additive mask, not sdpa's
     assert not covers(eager)
+
+
+def test_side_by_side_views_adjacent_blocks_and_copies_others():
+    out = torch.arange(2 * 10.0).view(2, 1, 10)  # one product's output: q | k | v per row
+    q, k, v = out.split([4, 3, 3], -1)
+    joined = _side_by_side(q, k)
+    assert torch.equal(joined, out[..., :7]) and joined.data_ptr() == out.data_ptr()  # a view
+    apart = _side_by_side(q, v)  # not adjacent: a copy of the two
+    assert torch.equal(apart, torch.cat([q, v], -1)) and apart.data_ptr() != out.data_ptr()
+    assert torch.equal(_side_by_side(q.clone(), k.clone()), joined)

@@ -52,6 +52,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _side_by_side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a and b joined along the last dimension: a view where b follows a in each row of one buffer
+    (q and k out of `models.packed`'s single q, k, v product), else a copy."""
+    if (
+        a.stride() == b.stride()
+        and a.stride(-1) == 1
+        and a.shape[:-1] == b.shape[:-1]
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and b.storage_offset() == a.storage_offset() + a.shape[-1]
+    ):
+        return a.as_strided((*a.shape[:-1], a.shape[-1] + b.shape[-1]), a.stride(), a.storage_offset())
+    return torch.cat([a, b], -1)
+
+
 def step_fn(lm) -> Callable | None:
     """`step(ids (B, 1), positions (B, 1), mask (B, T) 1 on real tokens, cache) -> (B, V) float32
     logits of the next token` for a model `covers` accepts, else None. `cache` holds every layer's
@@ -67,7 +81,7 @@ def step_fn(lm) -> Callable | None:
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(base.config._attn_implementation, None)
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, 1, 1, head_dim): over (B, 1, heads, head_dim)
         # what transformers' sdpa mask is for one query token: none without padding, else the padding
         keep = None if bool(mask.all()) else mask.bool()[:, None, None, :]
         rows = ids.shape[0]
@@ -75,11 +89,13 @@ def step_fn(lm) -> Callable | None:
             attention, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(h)
             shape = (rows, 1, -1, attention.head_dim)
-            q = attention.q_proj(x).view(shape).transpose(1, 2)
-            k = attention.k_proj(x).view(shape).transpose(1, 2)
+            # q's and k's heads side by side, rotated in one pass (each element as transformers does)
+            q = attention.q_proj(x)
+            heads = q.shape[-1] // attention.head_dim
+            qk = _side_by_side(q, attention.k_proj(x)).view(shape)
+            qk = (qk * cos) + (_rotate_half(qk) * sin)
+            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
             v = attention.v_proj(x).view(shape).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
             k, v = cache.update(k, v, index)
             out, _ = attend(attention, q, k, v, keep, dropout=0.0, scaling=attention.scaling)
             h = h + attention.o_proj(out.reshape(rows, 1, -1).contiguous())
