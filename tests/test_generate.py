@@ -1,5 +1,6 @@
 """Rollout generation: masks, stop tokens, left padding, and agreement with training log-probs."""
 
+import pytest
 import torch
 
 from chatforge.data.templates import stop_token_ids
@@ -67,6 +68,24 @@ def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_entries():
         assert torch.multinomial(probs[None], 1).shape == (1, 1)
         assert torch.multinomial(probs, 2).shape == (2,)  # other calls go to torch's own
     assert torch.multinomial is original
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, 16])
+def test_inverse_cdf_in_blocks_draws_what_one_running_sum_draws(block):
+    from chatforge.rl.generate import inverse_cdf_multinomial
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(5, 10, generator=g)
+    probs[:, [0, 3, 4, 9]] = 0  # cut entries, a whole block of them at block=2..4, and the last one
+    probs[4] = 0
+    probs[4, 9] = 1.0  # only the last entry
+    uniform = torch.cat([torch.rand(5, 400, dtype=torch.float64, generator=g), torch.zeros(5, 1)], 1)
+    cdf = probs.double().cumsum(-1)
+    for u in uniform.T:  # the plain one-level inverse CDF as the reference
+        want = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp(max=9)
+        got = inverse_cdf_multinomial(probs, uniform=u[:, None], block=block)
+        assert torch.equal(got, want), (u, got, want)
+        assert (probs.gather(1, got) > 0).all()
 
 
 def test_row_seeds_give_each_row_its_own_draws_whatever_the_batch(tokenizer):
