@@ -74,7 +74,7 @@ class Batched(Worker):
     def _work(self) -> None:
         import torch
 
-        with torch.no_grad():
+        with torch.inference_mode():  # the batch lives in this thread only: no autograd bookkeeping
             while self._take(block=not self.live and not self.waiting):
                 try:
                     self._admit()
