@@ -273,6 +273,7 @@ class Rows:
             self.logits = torch.cat([self.logits, other.logits])
 
 
+@torch.inference_mode()  # no autograd bookkeeping per operation (~7% faster steps); only token ids leave
 def decode(
     lm,
     prompts: list[list[int]],
@@ -284,11 +285,6 @@ def decode(
     """Each prompt's new tokens (up to and including its first stop token, at most
     `max_new_tokens`) and whether it stopped. Repeated prompts are prefilled once. With
     `row_seeds`, row b's draw at step t comes from (row_seeds[b], t) (`rl.generate.row_uniforms`)."""
-    with torch.inference_mode():  # ~7% faster steps than under no_grad; only token ids leave
-        return _decode(lm, prompts, max_new_tokens, stops, sampling, row_seeds)
-
-
-def _decode(lm, prompts, max_new_tokens, stops, sampling, row_seeds):
     from chatforge.rl.generate import row_uniforms
 
     first = {}
