@@ -192,7 +192,10 @@ def test_sft_same_time_trains_sft_on_for_the_later_stages_time(tiny_model_dir, t
     done = {s: json.loads((run / s / "done").read_text()) for s in ("sft", "rm", "ppo", "sft_same_time")}
     same = done["sft_same_time"]
     assert same["target_s"] == pytest.approx(done["rm"]["wall_s"] + done["ppo"]["wall_s"], abs=0.2)
-    want = pipeline.continuation_steps(same["target_s"], done["sft"]["wall_s"], 2)
+    records = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").open()]
+    paces = sorted(r["step_s"] for r in records if "eval/loss" not in r)
+    assert len(paces) == 2 and all(p > 0 for p in paces)  # every logged step says its wall time
+    want = pipeline.continuation_steps(same["target_s"], done["sft"]["wall_s"], 2, paces[1])
     assert same["steps"] == want and steps(run / "sft_same_time")[-1] == want
     # it starts from the SFT model, with SFT's own data, and is evaluated like the other stages
     scfg = load_config(run / "sft_same_time" / "config.yaml")

@@ -21,9 +21,10 @@ continues from its newest checkpoint. Per-stage overrides (`pipeline.overrides: 
 
 `pipeline.sft_same_time: true` adds the baseline RL has to beat: after the last stage, the SFT model
 trains on with SFT (its own settings and `pipeline.overrides.sft`, a fresh adapter and schedule) for
-as many steps as fit in the wall time the stages after SFT took, at the SFT stage's pace (wall s per
-step); it lands in `RUN/sft_same_time/` and is evaluated as `eval/sft_same_time.json`, the last row
-of the report ("SFT only, same total training time"), compared there with the model before it.
+as many steps as make a stage of the wall time the stages after SFT took, at the SFT stage's pace
+(its median seconds per step, its fixed cost of loading and saving paid once more); it lands in
+`RUN/sft_same_time/` and is evaluated as `eval/sft_same_time.json`, the last row of the report
+("SFT only, same total training time"), compared there with the model before it.
 """
 
 from __future__ import annotations
@@ -215,12 +216,21 @@ def policy_dir(stage_dir: Path, final: str, needed: bool) -> str:
 SAME_TIME = "sft_same_time"
 
 
-def continuation_steps(extra_s: float, sft_wall_s: float, sft_steps: int) -> int:
-    """SFT steps that fit in `extra_s` seconds at the SFT stage's pace (its wall time per step).
+def continuation_steps(extra_s: float, sft_wall_s: float, sft_steps: int, step_s: float = 0.0) -> int:
+    """SFT steps that make a stage of `extra_s` seconds at the SFT stage's pace.
+
+    With `step_s` (the SFT stage's median wall seconds per step) the stage's fixed cost (loading,
+    saving, merging: its wall time less its steps) is paid once more and the rest goes to steps;
+    without it, the stage's wall time per step, fixed cost included (fewer steps).
 
     >>> continuation_steps(300.0, 100.0, 20)
     60
+    >>> continuation_steps(300.0, 100.0, 20, step_s=4.0)  # 20 s fixed, then 280 s of 4 s steps
+    70
     """
+    if step_s > 0:
+        fixed = max(sft_wall_s - step_s * sft_steps, 0.0)
+        return max(1, round((extra_s - fixed) / step_s))
     return max(1, round(extra_s * max(sft_steps, 1) / max(sft_wall_s, 1e-9)))
 
 
@@ -236,12 +246,16 @@ def run_sft_same_time(cfg: Config, run: Path, data: dict) -> dict:
     sft = json.loads((run / "sft" / "done").read_text())
     later = p.stages[p.stages.index("sft") + 1 :]
     extra_s = sum(json.loads((run / s / "done").read_text())["wall_s"] for s in later)
-    sft_steps = max((r.get("step", 0) for r in read_metrics(run / "sft" / "metrics.jsonl")), default=0)
-    steps = continuation_steps(extra_s, sft["wall_s"], sft_steps)
+    records = [r for r in read_metrics(run / "sft" / "metrics.jsonl") if "eval/loss" not in r]
+    sft_steps = max((r.get("step", 0) for r in records), default=0)
+    paces = sorted(r["step_s"] for r in records if "step_s" in r)
+    step_s = paces[len(paces) // 2] if paces else 0.0  # the median: the first step warms up
+    steps = continuation_steps(extra_s, sft["wall_s"], sft_steps, step_s)
+    pace = step_s or sft["wall_s"] / max(sft_steps, 1)
     start = sft.get("model", sft["final"])
     log(
         f"{SAME_TIME}: SFT on from {start} for {steps} steps, the {extra_s:.0f} s that "
-        f"{', '.join(later)} took at SFT's {sft['wall_s'] / max(sft_steps, 1):.2f} s per step"
+        f"{', '.join(later)} took at SFT's {pace:.2f} s per step"
     )
     scfg = stage_config(
         cfg, "sft", run, start, data, None, folder=SAME_TIME, extra={"train.max_steps": steps}

@@ -153,7 +153,7 @@ class Trainer(Saving):
         self._metrics_open = False
         self._tracking = False  # the trackers' run opens at the first log
         self._bar = None
-        self._last_log = (time.perf_counter(), 0)
+        self._last_log = (time.perf_counter(), 0, 0)  # time, tokens and step of the last log
         self._tokens = 0
         self.identity = self._claim_output_dir()
 
@@ -291,12 +291,13 @@ class Trainer(Saving):
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         step = self.step if step is None else step
         now = time.perf_counter()
-        t0, tok0 = self._last_log
+        t0, tok0, step0 = self._last_log
         tokens = self.global_sum(self._tokens - tok0)
-        self._last_log = (now, self._tokens)
+        self._last_log = (now, self._tokens, step)
         record = {"step": step, **metrics}
         if "eval/loss" not in metrics:
             record["tokens_per_s"] = round(tokens / max(now - t0, 1e-9), 1)
+            record["step_s"] = round((now - t0) / max(step - step0, 1), 3)  # wall seconds per step
         if not self.is_main:
             return
         if not self._metrics_open:

@@ -164,6 +164,7 @@ class Saving:
         if rng.is_file():
             ck.set_rng_state(ck.load_plain(rng))
         self.step = self._start_step = state["step"]
+        self._last_log = (self._last_log[0], self._last_log[1], self.step)  # step_s counts from here
         if self.is_main:
             ck.truncate_log(self.out / "metrics.jsonl", self.step)
         return state
