@@ -11,7 +11,7 @@ from chatforge.train import grpo
 from conftest import reward_that_raises, tiny_run_args
 
 PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
-TIMING = ("time/", "tokens_per_s", "gen_tokens_per_s")
+TIMING = ("time/", "tokens_per_s", "gen_tokens_per_s", "step_s")
 
 
 def metrics(out) -> list[dict]:

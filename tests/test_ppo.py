@@ -13,7 +13,7 @@ from conftest import one_and_two_processes, reward_that_raises
 from test_roles import CPU, make_adapter, roles_config  # tests/ is on sys.path (rootdir conftest)
 
 PROMPTS = [{"prompt": f"What is {a} plus {a + 1}?", "answer": str(2 * a + 1)} for a in range(16)]
-TIMING = ("time/", "tokens_per_s", "gen_tokens_per_s")
+TIMING = ("time/", "tokens_per_s", "gen_tokens_per_s", "step_s")
 SFT = [
     {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i} {i}"}]}
     for i in range(8)
