@@ -195,7 +195,7 @@ def test_sft_same_time_trains_sft_on_for_the_later_stages_time(tiny_model_dir, t
     records = [json.loads(line) for line in (run / "sft" / "metrics.jsonl").open()]
     paces = sorted(r["step_s"] for r in records if "eval/loss" not in r)
     assert len(paces) == 2 and all(p > 0 for p in paces)  # every logged step says its wall time
-    want = pipeline.continuation_steps(same["target_s"], done["sft"]["wall_s"], 2, paces[1])
+    want = pipeline.continuation_steps(same["target_s"], done["sft"]["wall_s"], 2, sum(paces) / 2)
     assert same["steps"] == want and steps(run / "sft_same_time")[-1] == want
     # it starts from the SFT model, with SFT's own data, and is evaluated like the other stages
     scfg = load_config(run / "sft_same_time" / "config.yaml")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -248,8 +249,8 @@ def run_sft_same_time(cfg: Config, run: Path, data: dict) -> dict:
     extra_s = sum(json.loads((run / s / "done").read_text())["wall_s"] for s in later)
     records = [r for r in read_metrics(run / "sft" / "metrics.jsonl") if "eval/loss" not in r]
     sft_steps = max((r.get("step", 0) for r in records), default=0)
-    paces = sorted(r["step_s"] for r in records if "step_s" in r)
-    step_s = paces[len(paces) // 2] if paces else 0.0  # the median: the first step warms up
+    paces = [r["step_s"] for r in records if "step_s" in r]
+    step_s = statistics.median(paces) if paces else 0.0  # the median: the first step warms up
     steps = continuation_steps(extra_s, sft["wall_s"], sft_steps, step_s)
     pace = step_s or sft["wall_s"] / max(sft_steps, 1)
     start = sft.get("model", sft["final"])
