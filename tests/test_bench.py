@@ -10,7 +10,7 @@ import pytest
 
 from chatforge.bench import flops_per_token
 from chatforge.cli import main
-from chatforge.plan.memory import load_shape
+from chatforge.plan.shapes import load_shape
 
 TINY = ["--preset", "tiny", "--vocab", "512", "--seq-len", "16", "--batch", "2", "--steps", "2"]
 

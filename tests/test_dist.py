@@ -57,7 +57,8 @@ def _logits(model_dir, adapter: bool):
 
 
 def _plan(model_dir, method: str, strategy: str, devices: int):
-    from chatforge.plan.memory import estimate, load_shape
+    from chatforge.plan.memory import estimate
+    from chatforge.plan.shapes import load_shape
     from chatforge.plan.strategies import per_device
 
     method = "full" if method == "none" else method

@@ -11,15 +11,12 @@ from chatforge.cli import main
 from chatforge.errors import ConfigError
 from chatforge.plan.memory import (
     BYTES_PER_PARAM,
-    DEFAULT_MODEL_CONFIG,
     GIB,
     NF4_BYTES,
-    ModelShape,
     describe,
     estimate,
     fits,
     format_table,
-    load_shape,
 )
 from chatforge.plan.scaling import (
     CEREBRAS_GPT,
@@ -31,6 +28,7 @@ from chatforge.plan.scaling import (
     training_flops,
     training_time,
 )
+from chatforge.plan.shapes import DEFAULT_MODEL_CONFIG, ModelShape, load_shape
 
 SMOL = ModelShape.from_hf_config(DEFAULT_MODEL_CONFIG)
 P = 134_515_008  # SmolLM2-135M, by hand: 49152*576 + 30*(884736 + 2654208 + 1152) + 576

@@ -8,7 +8,8 @@ import pytest
 
 from chatforge.cli import main
 from chatforge.plan.devices import DEVICES, cpu_peak_tflops, find
-from chatforge.plan.memory import DEFAULT_MODEL_CONFIG, GIB, ModelShape, estimate, load_shape
+from chatforge.plan.memory import GIB, estimate
+from chatforge.plan.shapes import DEFAULT_MODEL_CONFIG, ModelShape, load_shape
 from chatforge.plan.strategies import largest_module_params, per_device
 
 LLAMA2_7B = dict(

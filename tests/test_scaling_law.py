@@ -128,8 +128,8 @@ def test_width_depth_dial_counts_match_built_models():
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from chatforge.plan.memory import ModelShape
     from chatforge.plan.scaling import model_shape, preset_config
+    from chatforge.plan.shapes import ModelShape
 
     with torch.device("meta"):
         for size in ("32x2", "48x1", "96x3", "128x4"):

@@ -134,9 +134,9 @@ def plan_main(argv: list[str]) -> int:
 
 
 def _plan_memory(args) -> None:
-    from chatforge.plan import memory, scaling
+    from chatforge.plan import memory, scaling, shapes
 
-    shape = memory.load_shape(args.model)
+    shape = shapes.load_shape(args.model)
     est = memory.estimate(
         shape,
         method=args.method,

@@ -21,7 +21,8 @@ These are the counts of DeepSpeed's own estimators (`estimate_zero2_model_states
 `estimate_zero3_model_states_mem_needs`, which the tests compare with), which leave out its
 communication buckets and the host copy each process loads before partitioning.
 
-    >>> from chatforge.plan.memory import DEFAULT_MODEL_CONFIG, ModelShape, estimate
+    >>> from chatforge.plan.memory import estimate
+    >>> from chatforge.plan.shapes import DEFAULT_MODEL_CONFIG, ModelShape
     >>> e = estimate(ModelShape.from_hf_config(DEFAULT_MODEL_CONFIG), method="full", batch=1, seq_len=512)
     >>> p = per_device(e, "zero3", devices=8, offload="optimizer")
     >>> round(p.model_states / 2**30, 3), round(p.host_total / 2**30, 3)
@@ -33,7 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chatforge.plan.devices import DEVICES, Device
-from chatforge.plan.memory import BYTES_PER_PARAM, GIB, OPTIMIZERS, Estimate, ModelShape, short_count
+from chatforge.plan.memory import BYTES_PER_PARAM, GIB, OPTIMIZERS, Estimate, short_count
+from chatforge.plan.shapes import ModelShape
 
 STRATEGIES = ("none", "ddp", "fsdp2", "zero2", "zero3")
 OFFLOADS = ("none", "optimizer", "all")
@@ -183,7 +185,8 @@ def fits_on(
 def format_plan(plan: DevicePlan) -> str:
     """A table of GiB per device and per process on the host, then where it fits.
 
-    >>> from chatforge.plan.memory import DEFAULT_MODEL_CONFIG, ModelShape, estimate
+    >>> from chatforge.plan.memory import estimate
+    >>> from chatforge.plan.shapes import DEFAULT_MODEL_CONFIG, ModelShape
     >>> e = estimate(ModelShape.from_hf_config(DEFAULT_MODEL_CONFIG), method="full", batch=1, seq_len=512)
     >>> print(format_plan(per_device(e, "zero2", devices=2)).splitlines()[1])
     zero2 over 2 devices, offload none

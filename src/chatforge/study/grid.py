@@ -155,8 +155,8 @@ class GridRun:
 
 def count_params(size: str, vocab_size: int) -> int:
     """Parameters of a study size (tied embeddings), counted from its shape alone."""
-    from chatforge.plan.memory import ModelShape
     from chatforge.plan.scaling import model_shape, preset_config
+    from chatforge.plan.shapes import ModelShape
 
     try:
         model_shape(size)
