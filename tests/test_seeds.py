@@ -27,6 +27,13 @@ def test_seed_config_sets_only_the_last_stage_seed(tmp_path):
     assert cfg.pipeline.overrides["ppo"] == {"train.lr": 0.0001}  # the caller's config is untouched
 
 
+def test_only_the_first_seed_trains_the_same_time_sft_row(tmp_path):
+    cfg = load_config(None, ["pipeline.stages=[sft,rm,ppo]", "pipeline.sft_same_time=true"])
+    assert seed_config(cfg, tmp_path, 0).pipeline.sft_same_time
+    assert not seed_config(cfg, tmp_path, 1, first=False).pipeline.sft_same_time
+    assert cfg.pipeline.sft_same_time
+
+
 def fake_run(run, stages, correct_by_stage):
     (run / "eval").mkdir(parents=True)
     (run / "data").mkdir()

@@ -37,9 +37,13 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def seed_config(cfg: Config, run: Path, seed: int) -> Config:
-    """The pipeline config of one seed: RUN/seed-S, the last stage's train.seed = S."""
+def seed_config(cfg: Config, run: Path, seed: int, first: bool = True) -> Config:
+    """The pipeline config of one seed: RUN/seed-S, the last stage's train.seed = S. Only the first
+    seed trains `pipeline.sft_same_time`'s row: the SFT model is shared, so another seed's row would
+    spend the same minutes again to answer the same question."""
     values = to_flat(cfg)
+    if not first:
+        values["pipeline.sft_same_time"] = False
     last = cfg.pipeline.stages[-1]
     overrides = {k: dict(v) for k, v in cfg.pipeline.overrides.items()}
     overrides.setdefault(last, {})["train.seed"] = seed
@@ -128,7 +132,7 @@ def run(cfg: Config, seeds: list[int]) -> str:
         if seed != seeds[0]:
             share_earlier(first, root / f"seed-{seed}", stages)
         pipeline.log(f"seed {seed}: {stages[-1]} with train.seed={seed} in {root / f'seed-{seed}'}")
-        pipeline.run(seed_config(cfg, root, seed))
+        pipeline.run(seed_config(cfg, root, seed, first=seed == seeds[0]))
         if (row := seed_row(root / f"seed-{seed}", stages)) is not None:
             rows[seed] = row
     out = root / "seeds.md"
