@@ -9,7 +9,8 @@ from chatforge.config import TrainConfig
 from chatforge.errors import ChatforgeError
 from chatforge.models.logprobs import LogprobModel
 from chatforge.models.tiny import tiny_model
-from chatforge.train.loop import Trainer, epoch_order, steps_for
+from chatforge.train.loop import Trainer
+from chatforge.train.schedule import epoch_order, steps_for
 
 
 def items(n=16, seed=0):

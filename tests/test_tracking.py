@@ -10,7 +10,8 @@ from chatforge.errors import ConfigError
 from chatforge.models.logprobs import LogprobModel
 from chatforge.models.tiny import tiny_model
 from chatforge.train.common import start_run
-from chatforge.train.loop import Trainer, steps_for
+from chatforge.train.loop import Trainer
+from chatforge.train.schedule import steps_for
 from test_loop import collate, items, loss_fn, units_fn
 
 

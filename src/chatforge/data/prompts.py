@@ -107,7 +107,7 @@ def prompts_for_step(items: list, step: int, per_step: int, seed: int) -> list:
     >>> len(prompts_for_step(list("abc"), 5, 2, 0))
     2
     """
-    from chatforge.train.loop import epoch_order
+    from chatforge.train.schedule import epoch_order
 
     if per_step > len(items):
         raise ConfigError(

@@ -37,6 +37,7 @@ from chatforge.train import checkpoint as ck
 from chatforge.train import dist as sharding
 from chatforge.train import zero
 from chatforge.train.saving import Saving
+from chatforge.train.schedule import epoch_order, lr_lambda
 
 LossFn = Callable[[Any, dict, float | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -46,25 +47,6 @@ def loss_parts(out) -> Iterator[tuple[torch.Tensor, dict]]:
     share no activations (PPO's actor and critic adapters). The trainer runs backward on each part
     before asking for the next, so only one part's activations are alive at a time."""
     return iter([out]) if isinstance(out, tuple) else out
-
-
-def lr_lambda(scheduler: str, warmup: int, total: int) -> Callable[[int], float]:
-    """Multiplier of the peak LR at a step: linear warmup, then cosine/linear decay or constant.
-
-    >>> f = lr_lambda("linear", 2, 10)
-    >>> [round(f(s), 3) for s in (0, 1, 2, 6, 10)]
-    [0.5, 1.0, 1.0, 0.5, 0.0]
-    """
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if scheduler == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if scheduler == "cosine" else 1.0 - progress
-
-    return f
 
 
 def batch_tokens(batch: dict) -> int:
@@ -403,22 +385,3 @@ class Trainer(Saving):
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def steps_for(n_items: int, tcfg, world: int = 1) -> int:
-    """Optimizer steps for `train.max_steps` or `train.epochs` over n_items examples."""
-    per_step = tcfg.batch_size * tcfg.grad_accum * world
-    if n_items < per_step:
-        raise ChatforgeError(
-            f"only {n_items} training examples, fewer than one global batch of {per_step} "
-            f"(train.batch_size x train.grad_accum x processes): add data or lower them"
-        )
-    if tcfg.max_steps:
-        return tcfg.max_steps
-    return max(1, math.ceil(tcfg.epochs * (n_items // per_step)))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of an epoch; the same on every rank and after a resume."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    return torch.randperm(n, generator=g).tolist()

@@ -332,7 +332,7 @@ def _ptx_batch(items, opt_step: int, size: int, coef: float, tokenizer, cfg, ran
     """This process's SFT micro-batch of optimizer step `opt_step`: its slice of a global batch of
     size x world (deterministic, so resume replays it)."""
     from chatforge.data.collate import pad_batch
-    from chatforge.train.loop import epoch_order
+    from chatforge.train.schedule import epoch_order
 
     per_pass = max(1, len(items) // (size * world))
     epoch, pos = divmod(opt_step, per_pass)

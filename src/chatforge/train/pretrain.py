@@ -86,7 +86,8 @@ def train_on_blocks(cfg: Config, tok, blocks: list[dict], eval_blocks: list[dict
     from chatforge.models.load import pick_device
     from chatforge.models.logprobs import LogprobModel
     from chatforge.train.common import log
-    from chatforge.train.loop import Trainer, steps_for
+    from chatforge.train.loop import Trainer
+    from chatforge.train.schedule import steps_for
     from chatforge.train.sft import sft_loss, sft_units
 
     torch.manual_seed(cfg.train.seed)

@@ -109,7 +109,8 @@ def run(cfg: Config) -> str:
     from chatforge.models.load import load_tokenizer, resolve_model_path
     from chatforge.train.common import build_policy, log, start_run
     from chatforge.train.dpo import load_pairs, pair_collate, pair_units
-    from chatforge.train.loop import Trainer, steps_for
+    from chatforge.train.loop import Trainer
+    from chatforge.train.schedule import steps_for
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one preference file")

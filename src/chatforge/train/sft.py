@@ -59,7 +59,8 @@ def run(cfg: Config) -> str:
     from chatforge.errors import ConfigError
     from chatforge.models.load import load_tokenizer
     from chatforge.train.common import build_policy, log, save_lm, split_eval, start_run
-    from chatforge.train.loop import Trainer, steps_for
+    from chatforge.train.loop import Trainer
+    from chatforge.train.schedule import steps_for
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give at least one training file")
