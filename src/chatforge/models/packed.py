@@ -1,13 +1,19 @@
-"""bf16 linear layers on a CPU with their weights laid out once for oneDNN, for decoding.
+"""bf16 linear layers on a CPU with their weights laid out once for decoding.
 
 A bf16 `F.linear` on a CPU hands its weight to oneDNN, which reorders it into its blocked layout on
 every call: for a decode step, where each weight is used for a handful of rows, that reorder is
-much of the cost. `packed_linears(lm)` reorders each `nn.Linear` weight once
-(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing pass does for a compiled CPU
-model) and computes with it (`torch.ops.mkldnn._linear_pointwise`): the same kernel, the same bits
-(tested), a decode step of SmolLM2-135M ~1.4x faster on an AVX-512 bf16 EPYC (docs/benchmarks.md).
+much of the cost. `packed_linears(lm)` lays each `nn.Linear` weight out once per call of generate
+and computes with it:
+
+- on a CPU with AVX512-BF16, with `models.gemv`'s kernel (1.2-1.8x oneDNN's speed at a decoding
+  step's few rows; float32 sums in a fixed order, so ~1 output in 20,000 differs from `F.linear`'s
+  by one bf16 step, and a row's outputs do not depend on its batch);
+- else with oneDNN's own packed layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's
+  freezing pass does for a compiled CPU model, and `_linear_pointwise`): the same kernel as
+  `F.linear`, the same bits (tested), a decode step of SmolLM2-135M ~1.4x faster than unpacked.
+
 Layers that read one input (q, k, v; gate, up) are packed as one matrix and computed in one call
-(`_OneProduct`): 4-5% more tokens/s at 8 rows, the same bits again.
+(`_OneProduct`): 4-5% more tokens/s at 8 rows, each column the same sum as in its own layer.
 torch has no public switch for this outside `torch.compile`, whose compile time on 2 cores
 (minutes) would cost more than a rollout saves; hence these few lines.
 
@@ -26,6 +32,8 @@ from collections.abc import Callable
 
 import torch
 
+from chatforge.models import gemv
+
 
 @functools.cache
 def can_pack() -> bool:
@@ -36,6 +44,15 @@ def can_pack() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and bool(ops._is_mkldnn_bf16_supported())
     )
+
+
+def _layout(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`x -> x . weight^T + bias` on the weight laid out once: `models.gemv`'s kernel where it
+    runs and takes the shape, else oneDNN's packed layout."""
+    if gemv.library() is not None and gemv.fits(weight):
+        return functools.partial(gemv.linear, packed=gemv.pack(weight, bias))
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _packable(module: torch.nn.Module) -> bool:
@@ -51,18 +68,18 @@ def _packable(module: torch.nn.Module) -> bool:
     )
 
 
-def _unpacked(module: torch.nn.Linear, x: torch.Tensor, packed: torch.Tensor) -> bool:
+def _unpacked(module: torch.nn.Linear, x: torch.Tensor) -> bool:
     """Whether this call runs as plain `F.linear`: an input of another dtype, or a forward that
     needs gradients."""
-    return x.dtype != packed.dtype or (
+    return x.dtype != torch.bfloat16 or (
         torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)
     )
 
 
-def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if _unpacked(module, x, packed):
+def _packed_forward(module: torch.nn.Linear, run: Callable, x: torch.Tensor) -> torch.Tensor:
+    if _unpacked(module, x):
         return torch.nn.functional.linear(x, module.weight, module.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+    return run(x)
 
 
 # sibling layers that read the same input: packed as one matrix, computed in one product
@@ -79,16 +96,16 @@ class _OneProduct:
 
     def __init__(self, modules: list[torch.nn.Linear]):
         weight = torch.cat([m.weight.detach() for m in modules])
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        self.bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
+        bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
+        self.run = _layout(weight, bias)
         self.sizes = [m.out_features for m in modules]
         self.input, self.outputs = None, None
 
     def forward(self, index: int, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if _unpacked(module, x, self.packed):
+        if _unpacked(module, x):
             return torch.nn.functional.linear(x, module.weight, module.bias)
         if self.input is not x:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            out = self.run(x)
             self.input, self.outputs = x, out.split(self.sizes, -1)
         result = self.outputs[index]
         if index == len(self.sizes) - 1:
@@ -123,8 +140,8 @@ def pack_linears(lm: torch.nn.Module) -> Callable[[], None]:
                     patched.append(module)
         for module in lm.modules():
             if _packable(module):
-                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
-                module.forward = functools.partial(_packed_forward, module, packed)
+                run = _layout(module.weight.detach(), None if module.bias is None else module.bias.detach())
+                module.forward = functools.partial(_packed_forward, module, run)
                 patched.append(module)
 
     def undo() -> None:
