@@ -201,7 +201,7 @@ def main() -> None:
         "CPU a decoding step's attention hands torch's flash kernel several query rows, not one "
         "(`chatforge.models.attention`: the same kernel, 5-10x faster per layer); its linear layers lay "
         "their weights out once per call (`chatforge.models.packed`; layers reading one input, such as q, k "
-        "and v, as one product) and, on a CPU with AVX512-BF16, compute with `chatforge.models.gemv`'s "
+        "and v, as one product) and, on a CPU with AVX512-BF16, compute with `chatforge.models.kernels`'s "
         "kernel (float32 sums in a fixed order: ~1 output in 20,000 one bf16 step from `F.linear`'s, and "
         "a row's outputs independent of its batch), else with oneDNN's packed kernel (the same bits as "
         "`F.linear`); a Llama-shaped model's step runs on its own modules without transformers' per-layer "

@@ -34,6 +34,19 @@ def write_jsonl(path, records) -> str:
 
 
 @pytest.fixture
+def torch_kernels(monkeypatch):
+    """Decoding on torch's own kernels: `models.kernels` switched off (as on a CPU without
+    AVX512-BF16), so packed linear layers run oneDNN and one token's attention torch's flash kernel."""
+    from chatforge.models import kernels
+
+    monkeypatch.setenv("CHATFORGE_KERNELS", "0")
+    kernels.library.cache_clear()
+    yield
+    monkeypatch.undo()
+    kernels.library.cache_clear()
+
+
+@pytest.fixture
 def jsonl(tmp_path):
     """`jsonl(records, name="data.jsonl")` writes records (dicts or raw lines) and returns the path."""
 

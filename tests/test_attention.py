@@ -1,5 +1,5 @@
-"""A decoding step's attention through the fast side of torch's CPU flash kernel (`models.attention`):
-transformers' sdpa bits in bf16 (grouped heads or not, padding masks, scaling), prefill and float32
+"""A decoding step's attention through `models.kernels` or the fast side of torch's CPU flash kernel
+(`models.attention`): transformers' sdpa bits in bf16 on torch's kernel (grouped heads or not, padding masks, scaling), prefill and float32
 left to sdpa, the model's switch undone on exit, and the engine using it at every decoding step of
 four architectures with transformers' greedy tokens."""
 
@@ -29,7 +29,7 @@ def qkv(batch=3, heads=6, kv_heads=2, q_len=1, length=7, dim=8, seed=0):
 
 @pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4)])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
-def test_one_token_attention_is_sdpas_attention_in_bf16(heads, kv_heads, mask_kind):
+def test_one_token_attention_is_sdpas_attention_in_bf16(heads, kv_heads, mask_kind, torch_kernels):
     q, k, v = (x.to(torch.bfloat16) for x in qkv(heads=heads, kv_heads=kv_heads, length=40, dim=16))
     mask = None
     if mask_kind != "none":
@@ -95,3 +95,17 @@ def test_the_engine_decodes_bf16_with_one_token_attention_at_every_step(tokenize
         got, _ = decode(lm, prompts, 10, [-1], Sampling(greedy=True))
     assert steps.count(1) == 9 * lm.config.num_hidden_layers  # every decoding step of every layer
     assert got == want
+
+
+def test_one_token_attention_runs_the_kernel_where_it_can(monkeypatch):
+    from chatforge.models import kernels
+
+    if kernels.library() is None:
+        pytest.skip("needs a CPU with AVX512-BF16 and a C compiler")
+    calls = []
+    monkeypatch.setattr(
+        kernels, "attention", lambda *a: calls.append(a[0].shape) or kernels.emulate_attention(*a)
+    )
+    q, k, v = (x.to(torch.bfloat16) for x in qkv(heads=6, kv_heads=2, length=40, dim=16))
+    got, _ = one_token_attention(Heads(3), q, k, v, None, scaling=0.3)
+    assert calls == [q.shape] and torch.equal(got, kernels.emulate_attention(q, k, v, None, 0.3))

