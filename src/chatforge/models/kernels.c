@@ -93,9 +93,11 @@ void chatforge_pack_bf16(const uint16_t *w, int N, int K, int ldw, uint16_t *out
    throughout in a fixed order, rounded once to bf16. D must be a multiple of 16. */
 #include <math.h>
 
-static inline __m512 load16(const uint16_t *p) { /* 16 bf16 -> 16 float32 */
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+static inline __m512 load16_m256(__m256i x) { /* 16 bf16 -> 16 float32 */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
 }
+
+static inline __m512 load16(const uint16_t *p) { return load16_m256(_mm256_loadu_si256((const __m256i *)p)); }
 
 static inline __m512 exp16(__m512 x) { /* exp, ~1 float32 ulp (Cephes' expf polynomial); x >= -87 */
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -194,4 +196,78 @@ void chatforge_attention_bf16(const uint16_t *q, long sqb, long sqh, const uint1
 #undef CASE
     }
   }
+}
+
+/* A Llama-shaped layer's elementwise steps around its products, for a decoding step's few rows.
+   bf16 operations round as torch's do (each bf16 result computed in float32 and rounded to bf16
+   once); the float32 steps inside (the norm's mean of squares, silu's exp) run in an order and
+   with an exp of their own, so a rare output differs from torch's by one bf16 step. n and the
+   head dimension must be multiples of 16. */
+
+static inline void store16(uint16_t *p, __m512 x) { /* 16 float32 -> 16 bf16, round to nearest even */
+  _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+static inline __m512 round16(__m512 x) { /* x rounded to bf16, as float32 */
+  return load16_m256((__m256i)_mm512_cvtneps_pbh(x));
+}
+
+/* h (rows x n, row stride ldh) += y (row stride ldy) when y is not NULL, then
+   out (rows x n, contiguous) = weight * bf16(h * (1 / sqrt(mean(h^2) + eps))), as `LlamaRMSNorm`. */
+void chatforge_add_rms_norm_bf16(uint16_t *h, int rows, int n, long ldh, const uint16_t *y, long ldy,
+                                 const uint16_t *weight, float eps, uint16_t *out) {
+  for (int r = 0; r < rows; ++r) {
+    uint16_t *hr = h + r * ldh;
+    __m512 squares = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+      __m512 x = load16(hr + i);
+      if (y) {
+        x = round16(_mm512_add_ps(x, load16(y + r * ldy + i)));
+        store16(hr + i, x);
+      }
+      squares = _mm512_add_ps(squares, _mm512_mul_ps(x, x)); /* each square rounded, as pow(2) */
+    }
+    __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)n + eps));
+    for (int i = 0; i < n; i += 16) {
+      __m512 normed = round16(_mm512_mul_ps(load16(hr + i), scale));
+      store16(out + (size_t)r * n + i, _mm512_mul_ps(load16(weight + i), normed));
+    }
+  }
+}
+
+/* x (rows x 2n, row stride ldx) holds gate | up: out (rows x n) = bf16(silu(gate)) * up, silu in
+   float32 (gate / (1 + exp(-gate)), rounded once), as torch computes it for bf16. */
+void chatforge_silu_mul_bf16(const uint16_t *x, int rows, int n, long ldx, uint16_t *out) {
+  for (int r = 0; r < rows; ++r) {
+    const uint16_t *g = x + r * ldx, *u = g + n;
+    for (int i = 0; i < n; i += 16) {
+      __m512 gv = load16(g + i);
+      __m512 e = exp16(_mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(-87.0f)),
+                                     _mm512_set1_ps(88.0f)));
+      __m512 silu = round16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+      store16(out + (size_t)r * n + i, _mm512_mul_ps(silu, load16(u + i)));
+    }
+  }
+}
+
+/* Rotary embedding of q's and k's heads, in place: x (rows, heads, D) with strides (sxr, sxh, 1),
+   cos and sin (rows, D) bf16 contiguous: x = bf16(x * cos) + bf16(rotate_half(x) * sin), where
+   rotate_half(x) = (-x[D/2:], x[:D/2]), each product and the sum rounded to bf16 as in transformers. */
+void chatforge_rotary_bf16(uint16_t *x, int rows, int heads, int D, long sxr, long sxh, const uint16_t *cos,
+                           const uint16_t *sin) {
+  int half = D / 2;
+  for (int r = 0; r < rows; ++r)
+    for (int h = 0; h < heads; ++h) {
+      uint16_t *xh = x + r * sxr + h * sxh;
+      const uint16_t *c = cos + (size_t)r * D, *s = sin + (size_t)r * D;
+      for (int i = 0; i < half; i += 16) {
+        __m512 lo = load16(xh + i), hi = load16(xh + half + i);
+        __m512 a = _mm512_add_ps(round16(_mm512_mul_ps(lo, load16(c + i))),
+                                 round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), hi), load16(s + i))));
+        __m512 b = _mm512_add_ps(round16(_mm512_mul_ps(hi, load16(c + half + i))),
+                                 round16(_mm512_mul_ps(lo, load16(s + half + i))));
+        store16(xh + i, a);
+        store16(xh + half + i, b);
+      }
+    }
 }

@@ -115,6 +115,11 @@ def library() -> ctypes.CDLL | None:
         i,
     ]
     lib.chatforge_attention_bf16.restype = None
+    lib.chatforge_add_rms_norm_bf16.argtypes = [p, i, i, long, p, long, p, f, p]
+    lib.chatforge_silu_mul_bf16.argtypes = [p, i, i, long, p]
+    lib.chatforge_rotary_bf16.argtypes = [p, i, i, i, long, long, p, p]
+    for name in ("chatforge_add_rms_norm_bf16", "chatforge_silu_mul_bf16", "chatforge_rotary_bf16"):
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -222,3 +227,48 @@ def emulate_attention(query, key, value, keep, scale: float) -> torch.Tensor:
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     return (torch.softmax(scores, -1) @ v).bfloat16().transpose(1, 2)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (rows, last) with the last dimension contiguous (a view where it can be)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`h += y` (when y is given, in place, in bf16), then `LlamaRMSNorm(h)` with this weight: bf16
+    (..., n), n a multiple of 16, h contiguous. Returns the normed h."""
+    rows = h.view(-1, h.shape[-1])
+    out = torch.empty_like(h)
+    y2 = None if y is None else _rows(y)
+    library().chatforge_add_rms_norm_bf16(
+        rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0),
+        None if y2 is None else y2.data_ptr(), 0 if y2 is None else y2.stride(0),
+        weight.data_ptr(), eps, out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate | up (..., 2n) bf16, n a multiple of 16 -> silu(gate) * up (..., n), as a Llama MLP."""
+    rows = _rows(gate_up)
+    n = rows.shape[1] // 2
+    out = torch.empty(*gate_up.shape[:-1], n, dtype=torch.bfloat16)
+    library().chatforge_silu_mul_bf16(rows.data_ptr(), rows.shape[0], n, rows.stride(0), out.data_ptr())
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x (rows, 1, heads, D) bf16 in place by cos and sin (rows, 1, D) bf16, as transformers'
+    `apply_rotary_pos_emb` (D a multiple of 32, x's last dimension contiguous)."""
+    cos, sin = cos.reshape(x.shape[0], -1).contiguous(), sin.reshape(x.shape[0], -1).contiguous()
+    library().chatforge_rotary_bf16(
+        x.data_ptr(),
+        x.shape[0],
+        x.shape[2],
+        x.shape[3],
+        x.stride(0),
+        x.stride(2),
+        cos.data_ptr(),
+        sin.data_ptr(),
+    )
