@@ -197,17 +197,19 @@ def main() -> None:
         "",
         "chatforge prefills a prompt repeated in the batch once and shares its KV cache, writes keys and "
         "values into preallocated buffers instead of concatenating them, and drops rows once they stop; "
-        "transformers decodes all 8 rows until the last one stops (`chatforge.rl.engine`); in bf16 on a "
-        "CPU a decoding step's attention hands torch's flash kernel several query rows, not one "
-        "(`chatforge.models.attention`: the same kernel, 5-10x faster per layer); its linear layers lay "
-        "their weights out once per call (`chatforge.models.packed`; layers reading one input, such as q, k "
-        "and v, as one product) and, on a CPU with AVX512-BF16, compute with `chatforge.models.kernels`'s "
-        "kernel (float32 sums in a fixed order: ~1 output in 20,000 one bf16 step from `F.linear`'s, and "
-        "a row's outputs independent of its batch), else with oneDNN's packed kernel (the same bits as "
-        "`F.linear`); a Llama-shaped model's step runs on its own modules without transformers' per-layer "
-        "glue (`chatforge.models.decode_step`, the same bits). Greedy rows: bf16 rounds differently with "
-        "the kernel and, in transformers, with the batch's shape, so a row can take another token at a "
-        "near tie.",
+        "transformers decodes all 8 rows until the last one stops (`chatforge.rl.engine`). Its linear "
+        "layers lay their weights out once per call (`chatforge.models.packed`; layers reading one input, "
+        "such as q, k and v, as one product), and a Llama-shaped model's step runs on its own modules "
+        "without transformers' per-layer glue (`chatforge.models.decode_step`). In bf16 on a CPU with "
+        "AVX512-BF16 a decoding step runs on `chatforge.models.kernels` (a small C file compiled on first "
+        "use): linear layers, one token's attention, and each layer's norms, residual adds, rotary "
+        "embedding and SiLU gate, with float32 sums in an order of their own (linear layers: ~1 output in "
+        "20,000 one bf16 step from torch's; attention: about a third of its outputs, where torch's flash "
+        "kernel is the one further from a float64 reference, tested); elsewhere oneDNN's packed kernel "
+        "and torch's flash kernel given several query rows (`chatforge.models.attention`), the same bits "
+        "as transformers' but for rare last-bit roundings. Greedy rows: bf16 rounds differently with the "
+        "kernels and, in transformers, with the batch's shape, so a row can take another token at a near "
+        "tie.",
     ]
     write_section("generate", "\n".join(lines))
 

@@ -167,3 +167,34 @@ def test_inputs_the_attention_kernel_does_not_take_go_to_torch():
     )  # dim not a multiple of 16
     two = torch.cat([q, q], 2)
     assert kernels.attention(two, k, v, None, 0.125) is None  # more than one query token
+
+
+def test_the_fused_layer_steps_round_as_torchs_bf16_operations():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
+
+    g = torch.Generator().manual_seed(3)
+    h, y = (torch.randn(8, 1, 576, generator=g).bfloat16() for _ in range(2))
+    norm = LlamaRMSNorm(576, eps=1e-5).bfloat16()
+    norm.weight.data = torch.randn(576, generator=g).bfloat16()
+    summed = h.clone()
+    normed = kernels.add_rms_norm(summed, y, norm.weight, 1e-5)
+    assert torch.equal(summed, h + y)  # the residual add, in place, exactly torch's
+    want = norm(h + y)
+    assert (normed != want).float().mean() < 1e-3  # the mean of squares in its own order: rare last bits
+    torch.testing.assert_close(normed, want, atol=0, rtol=2**-7)
+    assert torch.equal(
+        kernels.add_rms_norm(h.clone(), None, norm.weight, 1e-5).float(),
+        kernels.add_rms_norm(h.clone(), torch.zeros_like(h), norm.weight, 1e-5).float(),
+    )
+
+    gate_up = torch.randn(8, 1, 2 * 1536, generator=g).bfloat16() * 4
+    want = torch.nn.functional.silu(gate_up[..., :1536]) * gate_up[..., 1536:]
+    got = kernels.silu_mul(gate_up)
+    assert (got != want).float().mean() < 1e-3
+    torch.testing.assert_close(got, want, atol=0, rtol=2**-7)
+
+    qk = torch.randn(8, 1, 12, 64, generator=g).bfloat16()
+    cos, sin = (torch.randn(8, 1, 64, generator=g).bfloat16() for _ in range(2))
+    want = qk * cos[:, :, None] + rotate_half(qk) * sin[:, :, None]  # transformers' apply_rotary_pos_emb
+    kernels.rotary(qk, cos, sin)
+    assert torch.equal(qk, want)

@@ -1,7 +1,7 @@
 """bf16 kernels for decoding on a CPU with AVX512-BF16: a small C file (`kernels.c`).
 
 At a decoding step the work per call is small and the libraries torch calls are built for large
-ones. Two kernels replace them where they run:
+ones. Kernels of our own replace them where they run:
 
 - `linear`: oneDNN's bf16 kernel (what `F.linear` and `models.packed` call) reads SmolLM2-135M's
   weights at 8-17 GB/s at a step's few rows on 2 cores, where the machine streams 32 GB/s. The
@@ -12,11 +12,16 @@ ones. Two kernels replace them where they run:
   cached ones (its setup, not the arithmetic); the kernel does the few thousand multiply-adds
   directly, each (row, key/value head) a task.
 
-Neither is a copy of the library's order of operations: their float32 sums run in a fixed order of
-their own (`emulate_linear` and `emulate_attention` restate them), so a few outputs in 10,000
-differ by one bf16 step from torch's, and a greedy token can differ at a near tie (as between
-transformers' own batch shapes). In exchange a row's outputs never depend on the other rows of its
-batch, the thread count or the split of the work. No library we can install has faster ones:
+None copies a library's order of operations: their float32 sums run in a fixed order of their own
+(`emulate_linear` and `emulate_attention` restate the first two). ~1 linear output in 20,000
+differs by one bf16 step from `F.linear`'s; about a third of the attention's outputs differ by one
+step from torch's flash kernel's, whose outputs are the further from a float64 reference (tested).
+So a greedy token can differ from transformers' at a near tie, as transformers' own does between
+batch shapes (docs/benchmarks.md counts both). In exchange a row's linear and attention outputs
+never depend on the other rows of its batch, the thread count or the split of the work.
+`decode_step` also runs each layer's norms, residual adds, rotary embedding and SiLU gate here
+(`add_rms_norm`, `rotary`, `silu_mul`: one call each where torch takes ~30 small operations a
+layer), rounding as torch's bf16 operations do. No library we can install has faster ones:
 oneDNN's and torch's are the ones replaced, MKL has no bf16 GEMV, and torch.compile's kernels cost
 minutes of compile time on 2 cores.
 
