@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_generate.py [--repeats 3] [--no-write]
     .venv/bin/python benchmarks/bench_generate.py --model /tmp/tiny --repeats 1 --no-write   # smoke
     .venv/bin/python benchmarks/bench_generate.py --static [--repeats 1]   # static cache, torch.compile
+    .venv/bin/python benchmarks/bench_generate.py --kernels-ab   # models.kernels on vs off, printed
 
 SmolLM2-135M-Instruct (the embedded default) in `--dtype` (auto: bf16 on a CPU with native bf16),
 built-in task prompts in the chat template, at most 48 new tokens, stop at end-of-turn, the same
@@ -48,6 +49,14 @@ stops = stop_token_ids(tok)
 def ours(greedy, prompts=prompts):
     g = generate(lm, tok, prompts, max_new_tokens={new_tokens}, temperature=1.0, greedy=greedy)
     return int(g.response_mask.sum()), [r[m.bool()].tolist() for r, m in zip(g.response_ids, g.response_mask)]
+def torch_kernels(greedy, prompts=prompts):  # the same engine with models.kernels switched off
+    import os
+    from chatforge.models import kernels
+    os.environ["CHATFORGE_KERNELS"] = "0"; kernels.library.cache_clear()
+    try:
+        return ours(greedy, prompts)
+    finally:
+        os.environ["CHATFORGE_KERNELS"] = "1"; kernels.library.cache_clear()
 def bare(greedy, prompts=prompts):
     ids, mask = left_pad(prompts, tok.pad_token_id)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
@@ -153,10 +162,27 @@ def main() -> None:
         action="store_true",
         help="instead: transformers with a static cache, and with it + torch.compile (batch 8 greedy)",
     )
+    p.add_argument(
+        "--kernels-ab",
+        action="store_true",
+        help="instead: chatforge with models.kernels against chatforge on torch's kernels (printed)",
+    )
     args = p.parse_args()
     args.dtype = resolved_dtype(args.dtype)
     if args.static:
         return static_caches(args)
+    if args.kernels_ab:  # the engine with and without models.kernels, taking turns; printed only
+        for shape, (grpo, modes) in SHAPES.items():
+            got = child(args, ["ours", "torch_kernels"], grpo, modes)
+            for mode in modes:
+                on, off = got["ours"][mode], got["torch_kernels"][mode]
+                ratio = statistics.median(a / b for a, b in zip(on["rates"], off["rates"]))
+                same = sum(a == b for a, b in zip(on["tokens"], off["tokens"])) if mode == "greedy" else None
+                print(
+                    f"{shape}, {mode}: kernels {on['tok_s']:.1f} tok/s, torch's {off['tok_s']:.1f}: "
+                    f"{ratio:.2f}x" + ("" if same is None else f"; greedy rows identical {same} of {BATCH}")
+                )
+        return
 
     rows = []
     for shape, (grpo, modes) in SHAPES.items():
