@@ -9,7 +9,7 @@ head), with that glue left out: the same bits (tested against the model's forwar
 Qwen2, with and without padding), ~10% less time a step on SmolLM2-135M.
 
 In bf16 on a CPU with AVX512-BF16, `models.kernels` also runs each layer's norms, residual adds,
-rotary embedding and SiLU gate (`_fused_layers`: five calls a layer instead of ~30 small torch
+rotary embedding and SiLU gate (`_KernelGlue`: five calls a layer instead of ~30 small torch
 operations; bf16 rounding as torch's, but the norm's float32 mean of squares and silu's exp are
 their own, so a rare output differs by one bf16 step).
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from chatforge.models import base_model
+from chatforge.models import base_model, kernels
 
 # decoder layers whose forward is Llama's: norm, attention with rotary q/k, residual, norm, gated MLP
 _LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer"}
@@ -103,34 +103,69 @@ def step_fn(lm) -> Callable | None:
         # what transformers' sdpa mask is for one query token: none without padding, else the padding
         keep = None if bool(mask.all()) else mask.bool()[:, None, None, :]
         rows = ids.shape[0]
-        if fused and h.dtype == torch.bfloat16 and h.device.type == "cpu":
-            return _fused_layers(inner, head, attend, h, cos, sin, keep, cache)
-        for index, layer in enumerate(inner.layers):
+        glue = _KernelGlue if fused and h.dtype == torch.bfloat16 and h.device.type == "cpu" else _TorchGlue
+        layers = inner.layers
+        x = glue.add_norm(h, None, layers[0].input_layernorm)
+        for index, layer in enumerate(layers):
             attention, mlp = layer.self_attn, layer.mlp
-            x = norm(layer.input_layernorm, h)
             shape = (rows, 1, -1, attention.head_dim)
             # q's and k's heads side by side, rotated in one pass (each element as transformers does)
             q = attention.q_proj(x)
             heads = q.shape[-1] // attention.head_dim
-            qk = _side_by_side(q, attention.k_proj(x)).view(shape)
-            qk = (qk * cos) + (_rotate_half(qk) * sin)
+            qk = glue.rotate(_side_by_side(q, attention.k_proj(x)).view(shape), cos, sin)
             q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
             v = attention.v_proj(x).view(shape).transpose(1, 2)
             k, v = cache.update(k, v, index)
             out, _ = attend(attention, q, k, v, keep, dropout=0.0, scaling=attention.scaling)
-            h += attention.o_proj(out.reshape(rows, 1, -1))
-            x = norm(layer.post_attention_layernorm, h)
-            h += mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        return head(norm(inner.norm, h))[:, -1].to(copy=True, dtype=torch.float32)
+            x = glue.add_norm(h, attention.o_proj(out.reshape(rows, 1, -1)), layer.post_attention_layernorm)
+            after = layers[index + 1].input_layernorm if index + 1 < len(layers) else inner.norm
+            x = glue.add_norm(h, mlp.down_proj(glue.gate(mlp, x)), after)
+        return head(x)[:, -1].to(copy=True, dtype=torch.float32)
 
     return step
+
+
+class _TorchGlue:
+    """A layer's elementwise steps in torch operations, as transformers' Llama layer runs them."""
+
+    @staticmethod
+    def add_norm(h: torch.Tensor, y: torch.Tensor | None, module) -> torch.Tensor:
+        """`h += y` (the residual, in place), then the norm of h."""
+        if y is not None:
+            h += y
+        return norm(module, h)
+
+    @staticmethod
+    def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return (qk * cos) + (_rotate_half(qk) * sin)
+
+    @staticmethod
+    def gate(mlp, x: torch.Tensor) -> torch.Tensor:
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+
+class _KernelGlue:
+    """The same steps in `models.kernels` (bf16 on a CPU with AVX512-BF16; `_fused_glue` says when):
+    one call each instead of ~30 small torch operations a layer, the residual add fused with the
+    norm after it."""
+
+    @staticmethod
+    def add_norm(h: torch.Tensor, y: torch.Tensor | None, module) -> torch.Tensor:
+        return kernels.add_rms_norm(h, y, module.weight, module.variance_epsilon)
+
+    @staticmethod
+    def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        kernels.rotary(qk, cos[:, :, 0], sin[:, :, 0])  # in place, in the product's own buffer
+        return qk
+
+    @staticmethod
+    def gate(mlp, x: torch.Tensor) -> torch.Tensor:
+        return kernels.silu_mul(_side_by_side(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
 def _fused_glue(base) -> bool:
     """Whether `models.kernels` can run the elementwise steps of this model's layers (bf16 on a CPU
     with AVX512-BF16; SiLU MLPs, Llama norms, sizes the kernels take)."""
-    from chatforge.models import kernels
-
     if kernels.library() is None:
         return False
     config = base.config
@@ -144,37 +179,3 @@ def _fused_glue(base) -> bool:
         and layer.mlp.gate_proj.out_features % 16 == 0
         and layer.self_attn.head_dim % 32 == 0
     )
-
-
-def _fused_layers(inner, head, attend, h, cos, sin, keep, cache) -> torch.Tensor:
-    """The layers of `step` with their norms, residual adds, rotary embedding and SiLU gate in
-    `models.kernels` (one call each instead of ~30 small torch operations a layer; bf16 rounding as
-    torch's, each residual add fused with the norm after it): the float32 logits of the next token."""
-    from chatforge.models import kernels
-
-    layers = inner.layers
-    rows = h.shape[0]
-    cos, sin = cos[:, :, 0], sin[:, :, 0]  # (B, 1, head_dim)
-    first = layers[0].input_layernorm
-    x = kernels.add_rms_norm(h, None, first.weight, first.variance_epsilon)
-    for index, layer in enumerate(layers):
-        attention, mlp = layer.self_attn, layer.mlp
-        shape = (rows, 1, -1, attention.head_dim)
-        q = attention.q_proj(x)
-        heads = q.shape[-1] // attention.head_dim
-        qk = _side_by_side(q, attention.k_proj(x)).view(shape)
-        kernels.rotary(qk, cos, sin)
-        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
-        v = attention.v_proj(x).view(shape).transpose(1, 2)
-        k, v = cache.update(k, v, index)
-        out, _ = attend(attention, q, k, v, keep, dropout=0.0, scaling=attention.scaling)
-        post = layer.post_attention_layernorm
-        x = kernels.add_rms_norm(
-            h, attention.o_proj(out.reshape(rows, 1, -1)), post.weight, post.variance_epsilon
-        )
-        gate_up = _side_by_side(mlp.gate_proj(x), mlp.up_proj(x))
-        after = layers[index + 1].input_layernorm if index + 1 < len(layers) else inner.norm
-        x = kernels.add_rms_norm(
-            h, mlp.down_proj(kernels.silu_mul(gate_up)), after.weight, after.variance_epsilon
-        )
-    return head(x)[:, -1].to(copy=True, dtype=torch.float32)
