@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatforge.report.content import build, held_out_line, read_metrics, update_cards
+from chatforge.report.cards import held_out_line, update_cards
+from chatforge.report.content import build, read_metrics
 from chatforge.report.render import to_html, to_markdown
 
 __all__ = ["build", "held_out_line", "main", "read_metrics", "update_cards", "write_report"]
